@@ -286,9 +286,9 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Logits for `input_ids` (B, Q), appending their keys and values to `cache`.
 
-        `tree_mask` (Q, Q) bool says which new tokens each new token sees (itself and its ancestors); without it
-        the new tokens are causal. Every new token also sees the whole cached prefix. `position_ids` default to
-        the slots the tokens occupy.
+        `tree_mask` (Q, T) bool says which of the last T slots (the new tokens being the last Q of them) each new
+        token sees: itself and its ancestors in a draft tree. Every slot before those T is visible to all. Without
+        it the new tokens are causal. `position_ids` default to the slots the tokens occupy.
         """
         b, q = input_ids.shape
         start = cache.length if cache is not None else 0
@@ -315,9 +315,9 @@ class Transformer(nn.Module):
     def _mask(q: int, start: int, tree_mask: torch.Tensor | None, device) -> torch.Tensor | None:
         if q == 1 and tree_mask is None:
             return None  # one new token sees everything cached: no mask needed, and SDPA takes its fast path
-        new = tree_mask.to(device) if tree_mask is not None else torch.ones(q, q, dtype=torch.bool, device=device).tril()
-        prefix = torch.ones(q, start, dtype=torch.bool, device=device)
-        return torch.cat((prefix, new), dim=1)
+        tail = tree_mask.to(device) if tree_mask is not None else torch.ones(q, q, dtype=torch.bool, device=device).tril()
+        prefix = torch.ones(q, start + q - tail.shape[1], dtype=torch.bool, device=device)
+        return torch.cat((prefix, tail), dim=1)
 
     # --------------------------------------------------------------------------------------- HF checkpoints
 

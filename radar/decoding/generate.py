@@ -1,0 +1,189 @@
+"""The generate loops: plain autoregressive decoding (the baseline) and speculative decoding with a draft tree.
+
+Both run on the same model code, so the baseline is fair. Speculative cycle: the drafter builds a tree from the
+tokens it has not seen yet; the target verifies root + tree in one forward; the accepted path plus one bonus token
+is committed; both KV caches keep only that path. The target always holds every committed token but the newest
+(the next root), whose logits come with the next verification.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from radar.decoding.drafters import Drafter
+from radar.decoding.model import Transformer
+from radar.decoding.tree import FixedDepth, StopPolicy, TreeConfig, build_tree
+from radar.decoding.verify import Sampling, next_token, walk
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    target_calls: int = 0
+    draft_calls: int = 0
+    accept_lengths: list[int] = field(default_factory=list)  # tau per cycle: accepted drafts + bonus
+    draft_calls_per_cycle: list[int] = field(default_factory=list)
+    wall_s: float = 0.0
+    finish_reason: str = "length"  # "length", "eos" or "context"
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens committed per target call (1.0 for autoregressive decoding)."""
+        return sum(self.accept_lengths) / len(self.accept_lengths) if self.accept_lengths else 1.0
+
+    @property
+    def mean_draft_calls(self) -> float:
+        return sum(self.draft_calls_per_cycle) / max(len(self.draft_calls_per_cycle), 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def summary(self) -> dict:
+        """Flat statistics for JSON output."""
+        out = asdict(self)
+        out.update(tau=self.tau, mean_draft_calls=self.mean_draft_calls, tokens_per_s=self.tokens_per_s)
+        return out
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # new tokens only
+    stats: GenerationStats
+
+
+@dataclass(frozen=True)
+class Method:
+    """How to decode: `ar`, `chain:D` (one draft per call, D calls) or `tree:D` (dynamic tree, D calls)."""
+
+    kind: str  # "ar", "chain" or "tree"
+    depth: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> "Method":
+        m = re.fullmatch(r"(ar)|(chain|tree):(\d+)", text.strip())
+        if not m or (m.group(3) and int(m.group(3)) < 1):
+            raise ValueError(f"unknown method {text!r}: use ar, chain:D or tree:D with D >= 1")
+        return cls("ar") if m.group(1) else cls(m.group(2), int(m.group(3)))
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "ar" else f"{self.kind}:{self.depth}"
+
+
+def _finish(tokens: list[int], new: list[int], eos: set[int], budget: int) -> str | None:
+    """Append `new` to `tokens` up to the first EOS or the budget; return why generation ends, if it does."""
+    for t in new:
+        if len(tokens) == budget:
+            return "length"
+        tokens.append(t)
+        if t in eos:
+            return "eos"
+    return "length" if len(tokens) == budget else None
+
+
+def _budget(target: Transformer, prompt_len: int, max_new_tokens: int) -> tuple[int, str]:
+    """New tokens allowed: the request, cut to what fits in the model's context."""
+    room = target.config.max_position_embeddings - prompt_len
+    if prompt_len < 1:
+        raise ValueError("the prompt is empty")
+    if room < 1:
+        raise ValueError(
+            f"prompt of {prompt_len} tokens does not fit the model's context of {target.config.max_position_embeddings}"
+        )
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    return (max_new_tokens, "length") if max_new_tokens <= room else (room, "context")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generate_ar(
+    target: Transformer,
+    prompt_ids: list[int],
+    sampling: Sampling = Sampling(),
+    max_new_tokens: int = 128,
+    generator: torch.Generator | None = None,
+) -> GenerationResult:
+    """Plain autoregressive decoding: one target call per token."""
+    budget, budget_reason = _budget(target, len(prompt_ids), max_new_tokens)
+    eos = set(target.config.eos_token_id)
+    stats, device = GenerationStats(prompt_tokens=len(prompt_ids)), target.device
+    t0 = time.perf_counter()
+    cache = target.new_cache(len(prompt_ids) + budget)
+    logits = target(torch.tensor([prompt_ids], device=device), cache=cache, last_only=True)[0, -1]
+    out: list[int] = []
+    while True:
+        stats.target_calls += 1
+        reason = _finish(out, [next_token(logits, sampling, generator)], eos, budget)
+        if reason:
+            break
+        logits = target(torch.tensor([[out[-1]]], device=device), cache=cache)[0, -1]
+    _sync(device)
+    stats.wall_s = time.perf_counter() - t0
+    stats.new_tokens, stats.finish_reason = len(out), budget_reason if reason == "length" else reason
+    return GenerationResult(out, stats)
+
+
+@torch.inference_mode()
+def generate_speculative(
+    target: Transformer,
+    drafter: Drafter,
+    prompt_ids: list[int],
+    tree_cfg: TreeConfig,
+    policy: StopPolicy,
+    sampling: Sampling = Sampling(),
+    max_new_tokens: int = 128,
+    generator: torch.Generator | None = None,
+) -> GenerationResult:
+    """Speculative decoding with a dynamic draft tree; `policy` decides how many draft calls each cycle makes."""
+    budget, budget_reason = _budget(target, len(prompt_ids), max_new_tokens)
+    eos = set(target.config.eos_token_id)
+    stats, device = GenerationStats(prompt_tokens=len(prompt_ids)), target.device
+    t0 = time.perf_counter()
+    max_len = len(prompt_ids) + budget + tree_cfg.max_nodes + 1
+    cache = target.new_cache(max_len)
+    drafter.begin(max_len)
+    target_pending = torch.tensor(prompt_ids, device=device)
+    draft_pending = target_pending
+    out: list[int] = []
+    while True:
+        root_pos = len(prompt_ids) + len(out) - 1
+        policy.reset()
+        tree = build_tree(drafter, draft_pending, root_pos, tree_cfg, policy)
+
+        # Verify: the target's pending tokens (causal) then the tree (each node sees its ancestors).
+        n_pend, n_tree = target_pending.numel(), len(tree)
+        mask = torch.ones(n_pend + n_tree, n_pend + n_tree, dtype=torch.bool, device=device).tril()
+        mask[n_pend:, n_pend:] = tree.ancestors
+        positions = torch.cat((torch.arange(root_pos - n_pend + 1, root_pos + 1, device=device), root_pos + tree.depths))
+        base = cache.length + n_pend  # slot of the first tree node
+        logits = target(torch.cat((target_pending, tree.tokens))[None], positions[None], cache, mask)[0, n_pend - 1 :]
+        path, bonus = walk(tree, logits, sampling, generator)
+
+        # Commit: both caches keep the accepted path; what the drafter was never fed stays pending for it.
+        cache.keep(base, [base + i for i in path])
+        fed = [tree.draft_slots[i] for i in path if tree.draft_slots[i] >= 0]
+        drafter.keep(tree.draft_base, fed)
+        new = tree.tokens[path].tolist() + [bonus]
+        stats.target_calls += 1
+        stats.draft_calls += tree.draft_calls
+        stats.accept_lengths.append(len(new))
+        stats.draft_calls_per_cycle.append(tree.draft_calls)
+        reason = _finish(out, new, eos, budget)
+        if reason:
+            break
+        target_pending = torch.tensor([bonus], device=device)
+        draft_pending = torch.tensor(new[len(fed) :], device=device)
+    _sync(device)
+    stats.wall_s = time.perf_counter() - t0
+    stats.new_tokens, stats.finish_reason = len(out), budget_reason if reason == "length" else reason
+    return GenerationResult(out, stats)

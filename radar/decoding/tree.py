@@ -1,0 +1,179 @@
+"""The EAGLE-2 style dynamic draft tree, built one draft call at a time, with a stop hook before each call.
+
+Call 0 drafts the top-k children of the root (the last committed token). Every further call feeds the k
+frontier nodes to the drafter, scores their top-k children by cumulative log-prob and keeps the k best of those
+k*k candidates as the next frontier; all candidates stay in the pool. After the last call the pool is reranked
+and the best `total_tokens` nodes form the tree the target verifies. Because a child's cumulative log-prob never
+exceeds its parent's, the top of the ranking is closed under ancestors (ties go to the earlier, shallower node).
+
+Before every call after the first, `policy.decide(calls_so_far, frontier_scores)` may end drafting: that is where
+fixed depths, confidence thresholds and the RADAR controller plug in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from radar.decoding.drafters import Drafter
+
+
+@dataclass
+class TreeConfig:
+    branching: int = 10  # k: children drafted per expanded node, and frontier width
+    max_calls: int = 8  # t_max: draft calls per cycle at most (= deepest node)
+    total_tokens: int = 60  # nodes the target verifies per cycle
+
+    def __post_init__(self) -> None:
+        if self.branching < 1 or self.max_calls < 1 or self.total_tokens < 1:
+            raise ValueError("branching, max_calls and total_tokens must all be >= 1")
+
+    @property
+    def max_nodes(self) -> int:
+        return self.branching + (self.max_calls - 1) * self.branching**2
+
+
+class StopPolicy(Protocol):
+    """Decides before each draft call (after the first) whether to keep drafting this cycle."""
+
+    def reset(self) -> None: ...
+
+    def decide(self, calls: int, frontier_scores: torch.Tensor) -> bool: ...
+
+
+class FixedDepth:
+    """Always make exactly `depth` draft calls (EAGLE's fixed schedule)."""
+
+    def __init__(self, depth: int):
+        if depth < 1:
+            raise ValueError("depth must be >= 1")
+        self.depth = depth
+
+    def reset(self) -> None:
+        pass
+
+    def decide(self, calls: int, frontier_scores: torch.Tensor) -> bool:
+        return calls < self.depth
+
+
+@dataclass
+class DraftTree:
+    """Nodes in parent-before-child order; parent -1 is the root (the last committed token)."""
+
+    tokens: torch.Tensor  # (N,) long
+    parents: torch.Tensor  # (N,) long
+    depths: torch.Tensor  # (N,) long, 1 for the root's children
+    scores: torch.Tensor  # (N,) cumulative draft log-prob
+    ancestors: torch.Tensor  # (N, N) bool: [i, j] when node j is node i or one of its ancestors
+    draft_slots: list[int]  # the drafter's state slot holding each node, -1 if never fed to it
+    draft_base: int  # the drafter's first tree slot: everything before it is committed prefix
+    draft_calls: int
+
+    def __len__(self) -> int:
+        return self.tokens.numel()
+
+    def children(self) -> dict[int, dict[int, int]]:
+        """For the root (-1) and every node: {child token: child index}."""
+        out: dict[int, dict[int, int]] = {-1: {}}
+        for i, (p, t) in enumerate(zip(self.parents.tolist(), self.tokens.tolist())):
+            out.setdefault(p, {})[t] = i
+            out.setdefault(i, {})
+        return out
+
+
+@dataclass
+class DraftPool:
+    """Every node drafted in one cycle, before the rerank; `frontiers[i]` are the nodes fed by call i+1."""
+
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    depths: torch.Tensor
+    scores: torch.Tensor
+    ancestors: torch.Tensor
+    draft_slots: torch.Tensor
+    draft_base: int
+    frontier_scores: list[torch.Tensor]  # the policy's view before each call after the first
+    draft_calls: int
+
+
+def draft_pool(
+    drafter: Drafter,
+    pending: torch.Tensor,
+    root_position: int,
+    cfg: TreeConfig,
+    policy: StopPolicy,
+) -> DraftPool:
+    """Run the draft calls of one cycle; `pending` are committed tokens the drafter has not seen, root last."""
+    k, device = cfg.branching, pending.device
+    positions = torch.arange(root_position - pending.numel() + 1, root_position + 1, device=device)
+    logp = drafter.forward(pending, positions, None)[-1]
+    tree_base = drafter.length
+
+    cap = cfg.max_nodes
+    tokens = torch.empty(cap, dtype=torch.long, device=device)
+    parents = torch.empty(cap, dtype=torch.long, device=device)
+    depths = torch.empty(cap, dtype=torch.long, device=device)
+    scores = torch.empty(cap, dtype=torch.float32, device=device)
+    slots = torch.full((cap,), -1, dtype=torch.long, device=device)
+    ancestors = torch.zeros(cap, cap, dtype=torch.bool, device=device)
+
+    top = logp.topk(k)
+    tokens[:k], parents[:k], depths[:k], scores[:k] = top.indices, -1, 1, top.values
+    ancestors[:k, :k] = torch.eye(k, dtype=torch.bool, device=device)
+    n, frontier, fed = k, torch.arange(k, device=device), torch.empty(0, dtype=torch.long, device=device)
+    seen, calls = [], 1
+
+    while calls < cfg.max_calls:
+        frontier_scores = scores[frontier]
+        seen.append(frontier_scores)
+        if not policy.decide(calls, frontier_scores):
+            break
+        mask = torch.cat((ancestors[frontier][:, fed], torch.eye(frontier.numel(), dtype=torch.bool, device=device)), 1)
+        logp = drafter.forward(tokens[frontier], root_position + depths[frontier], mask)
+        slots[frontier] = tree_base + fed.numel() + torch.arange(frontier.numel(), device=device)
+        fed = torch.cat((fed, frontier))
+        calls += 1
+
+        child = logp.topk(k)  # (f, k)
+        m = child.indices.numel()
+        new = torch.arange(n, n + m, device=device)
+        parent_of_new = frontier.repeat_interleave(k)
+        tokens[new] = child.indices.reshape(-1)
+        parents[new] = parent_of_new
+        depths[new] = calls
+        scores[new] = (frontier_scores[:, None] + child.values).reshape(-1)
+        ancestors[new] = ancestors[parent_of_new]
+        ancestors[new, new] = True
+        frontier = new[scores[new].topk(min(k, m)).indices]
+        n += m
+
+    return DraftPool(tokens[:n], parents[:n], depths[:n], scores[:n], ancestors[:n, :n], slots[:n], tree_base, seen, calls)
+
+
+def select_tree(pool: DraftPool, total_tokens: int) -> DraftTree:
+    """Rerank the pool by cumulative log-prob and keep the best `total_tokens` nodes as the tree to verify."""
+    order = torch.sort(pool.scores, descending=True, stable=True).indices[:total_tokens]
+    keep = order.sort().values  # pool order is parent-before-child, so keep it
+    remap = torch.full((pool.tokens.numel() + 1,), -1, dtype=torch.long, device=keep.device)
+    remap[keep] = torch.arange(keep.numel(), device=keep.device)
+    parents = pool.parents[keep]
+    parents = torch.where(parents >= 0, remap[parents.clamp(min=0)], parents)
+    return DraftTree(
+        tokens=pool.tokens[keep],
+        parents=parents,
+        depths=pool.depths[keep],
+        scores=pool.scores[keep],
+        ancestors=pool.ancestors[keep][:, keep],
+        draft_slots=pool.draft_slots[keep].tolist(),
+        draft_base=pool.draft_base,
+        draft_calls=pool.draft_calls,
+    )
+
+
+def build_tree(
+    drafter: Drafter, pending: torch.Tensor, root_position: int, cfg: TreeConfig, policy: StopPolicy
+) -> DraftTree:
+    """Draft one cycle's tree: the pool of `draft_pool`, reranked to the verification budget."""
+    return select_tree(draft_pool(drafter, pending, root_position, cfg, policy), cfg.total_tokens)

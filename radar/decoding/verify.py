@@ -1,0 +1,90 @@
+"""Lossless verification of a draft tree against the target's logits, greedy and sampled.
+
+Drafted candidates are deterministic (the drafter's top-k), so recursive rejection sampling at a node v reduces
+to this: child x is accepted with probability p(x); on rejection x is removed from p and p renormalised; when no
+child is accepted the bonus token comes from what is left of p. Accepting child x_j therefore has probability
+exactly p(x_j), and the bonus token has probability p(y) for every y that is not a child. Drawing y ~ p once and
+descending into the child whose token is y (or stopping with bonus y) has the same joint law, so that is what
+`walk` does: it is literally sampling from the target, which is why the output distribution is the target's.
+Greedy is the same walk with argmax in place of the draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from radar.decoding.tree import DraftTree
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def target_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The distribution the target samples from: softmax(logits / T), restricted to the top-p nucleus."""
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
+        drop = sorted_p.cumsum(-1) - sorted_p >= sampling.top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    """Pick one token from a (V,) row of logits: argmax when greedy, else a draw from `target_probs`."""
+    if sampling.greedy:
+        return int(logits.argmax())
+    return int(torch.multinomial(target_probs(logits, sampling), 1, generator=generator))
+
+
+def walk(
+    tree: DraftTree, logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None
+) -> tuple[list[int], int]:
+    """Accept a path of the tree: returns (accepted node indices root-down, bonus token).
+
+    `logits` (1 + N, V): row 0 is the target's prediction after the root, row 1 + i after node i.
+    """
+    children = tree.children()
+    path, node = [], -1
+    while True:
+        y = next_token(logits[node + 1], sampling, generator)
+        child = children[node].get(y)
+        if child is None:
+            return path, y
+        path.append(child)
+        node = child
+
+
+def acceptance_distribution(tree: DraftTree, probs: torch.Tensor) -> torch.Tensor:
+    """Exact law of the number of accepted draft tokens (bonus excluded): a (max depth + 1,) vector summing to 1.
+
+    `probs` (1 + N, V) are the target's distributions (one-hot rows give the greedy case). A node is reached
+    with P_reach(parent) * p_parent(token), and the walk stops at v with P_reach(v) * (1 - sum of its children's p).
+    """
+    n = len(tree)
+    parent_rows = tree.parents + 1  # row of each node's parent in `probs`
+    p_token = probs[parent_rows, tree.tokens].double()
+    reach = torch.ones(n + 1, dtype=torch.float64, device=probs.device)  # index 0 is the root
+    for i in range(n):  # parents come before children, so one pass suffices
+        reach[i + 1] = reach[parent_rows[i]] * p_token[i]
+    child_mass = torch.zeros(n + 1, dtype=torch.float64, device=probs.device).index_add_(0, parent_rows, p_token)
+    stop = reach * (1 - child_mass)
+    depth = torch.cat((torch.zeros(1, dtype=torch.long, device=probs.device), tree.depths))
+    dist = torch.zeros(int(depth.max()) + 1, dtype=torch.float64, device=probs.device).index_add_(0, depth, stop)
+    return dist.clamp_min(0).float()

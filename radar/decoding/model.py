@@ -61,6 +61,9 @@ class ModelConfig:
             raise ModelLoadError(
                 f"model_type {model_type!r} is not a Llama-family architecture (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
+        act = getattr(hf, "hidden_act", "silu")
+        if act != "silu":
+            raise ModelLoadError(f"hidden_act {act!r} is not supported: Llama-family MLPs use silu")
         # transformers 5 moved rope settings into `rope_parameters`; older versions use rope_theta + rope_scaling.
         rope = dict(getattr(hf, "rope_parameters", None) or {})
         rope_theta = rope.pop("rope_theta", getattr(hf, "rope_theta", 10000.0))
@@ -119,7 +122,7 @@ class ModelConfig:
             max_position_embeddings=self.max_position_embeddings,
             rms_norm_eps=self.rms_norm_eps,
             rope_theta=self.rope_theta,
-            rope_scaling=self.rope_scaling,
+            rope_scaling=dict(self.rope_scaling) if self.rope_scaling else None,  # transformers edits it in place
             tie_word_embeddings=self.tie_word_embeddings,
             bos_token_id=self.bos_token_id,
             eos_token_id=eos,
@@ -343,11 +346,16 @@ class Transformer(nn.Module):
         state = {k: v.to(dtype) for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
         if cfg.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-        missing = set(model.state_dict()) - set(state) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
-        unexpected = set(state) - set(model.state_dict())
-        if missing or unexpected:
+        shapes = {k: v.shape for k, v in model.state_dict().items()}
+        missing = set(shapes) - set(state) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+        unexpected = set(state) - set(shapes)
+        wrong = [
+            f"{k} {tuple(state[k].shape)} != {tuple(shapes[k])}" for k in sorted(state.keys() & shapes.keys()) if state[k].shape != shapes[k]
+        ]
+        if missing or unexpected or wrong:
             raise ModelLoadError(
-                f"{path}: weights do not match the config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+                f"{path}: weights do not match the config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}, "
+                f"wrong shape {wrong[:3]})"
             )
         model.load_state_dict(state, strict=False, assign=True)
         if cfg.tie_word_embeddings:

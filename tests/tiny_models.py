@@ -1,0 +1,132 @@
+"""Tiny random-init Hugging Face checkpoints for tests.
+
+`make_tiny_llama` builds a transformers LlamaForCausalLM (or Qwen2ForCausalLM / MistralForCausalLM), gives every
+parameter a non-trivial random value (HF's own init leaves norms at 1 and biases at 0, which would hide bugs in
+those paths, and its 0.02 std makes logits nearly uniform), saves it with `save_pretrained` (safetensors) and
+returns the directory. Same arguments and seed give the same weights.
+
+Import it from test files with `from tiny_models import make_tiny_llama` (pytest puts tests/ on sys.path).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["make_tiny_llama", "hf_config", "load_hf_model", "hf_logits", "random_ids"]
+
+
+def hf_config(
+    *,
+    vocab: int = 128,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int | None = None,
+    intermediate: int | None = None,
+    tie: bool = False,
+    rope_scaling: dict | None = None,
+    rope_theta: float = 10000.0,
+    model_type: str = "llama",
+    attention_bias: bool = False,
+    max_pos: int = 512,
+    eos: int | list[int] | None = None,
+    bos: int | None = None,
+):
+    """The transformers config object `make_tiny_llama` saves."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim or hidden // heads,
+        max_position_embeddings=max_pos,
+        rms_norm_eps=1e-6,
+        rope_theta=rope_theta,
+        rope_scaling=dict(rope_scaling) if rope_scaling else None,  # transformers edits the dict in place
+        tie_word_embeddings=tie,
+        bos_token_id=bos,
+        eos_token_id=eos,
+    )
+    if model_type == "llama":
+        return LlamaConfig(attention_bias=attention_bias, **common)
+    if attention_bias:
+        raise ValueError(f"attention_bias is a Llama option; {model_type} decides its own biases")
+    if model_type == "qwen2":
+        return Qwen2Config(use_sliding_window=False, **common)
+    if model_type == "mistral":
+        return MistralConfig(sliding_window=None, **common)
+    raise ValueError(f"unknown model_type {model_type!r}")
+
+
+def make_tiny_llama(
+    tmp_path: str | Path,
+    *,
+    vocab: int = 128,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int | None = None,
+    intermediate: int | None = None,
+    tie: bool = False,
+    rope_scaling: dict | None = None,
+    rope_theta: float = 10000.0,
+    model_type: str = "llama",
+    attention_bias: bool = False,
+    seed: int = 0,
+    max_pos: int = 512,
+    eos: int | list[int] | None = None,
+    bos: int | None = None,
+    max_shard_size: str | None = None,
+    name: str = "tiny",
+) -> Path:
+    """Save a random-init tiny HF causal LM to `tmp_path / name` and return that directory."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = hf_config(
+        vocab=vocab, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        intermediate=intermediate, tie=tie, rope_scaling=rope_scaling, rope_theta=rope_theta,
+        model_type=model_type, attention_bias=attention_bias, max_pos=max_pos, eos=eos, bos=bos,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():  # tied weights appear once
+            noise = torch.randn(p.shape, generator=gen)
+            if pname.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            elif pname.endswith("embed_tokens.weight"):
+                p.copy_(noise)
+            else:  # projections and biases
+                p.copy_(0.1 * noise)
+    out = Path(tmp_path) / name
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, safe_serialization=True, **kwargs)
+    return out
+
+
+def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """The transformers reference model for a checkpoint, with eager (non-SDPA) attention."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="eager").eval()
+
+
+@torch.no_grad()
+def hf_logits(path_or_model, input_ids: torch.Tensor) -> torch.Tensor:
+    """transformers' logits (B, T, V) for `input_ids` on a checkpoint directory or an already loaded HF model."""
+    model = path_or_model if isinstance(path_or_model, torch.nn.Module) else load_hf_model(path_or_model)
+    return model(input_ids=input_ids, use_cache=False).logits
+
+
+def random_ids(length: int, vocab: int = 128, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """Deterministic random token ids of shape (batch, length)."""
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))

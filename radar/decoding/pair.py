@@ -1,0 +1,129 @@
+"""A loaded target + draft + tokenizer, and one entry point to decode a prompt with any method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from radar.decoding.drafters import SmallLMDrafter
+from radar.decoding.generate import GenerationResult, Method, generate_ar, generate_speculative
+from radar.decoding.model import ModelLoadError, Transformer
+from radar.decoding.tree import FixedDepth, StopPolicy, TreeConfig
+from radar.decoding.verify import Sampling
+
+# One-turn prompt layout for models without a chat template (the demo pair is trained on it).
+PLAIN_TEMPLATE = "Question: {question}\nAnswer:"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA when a GPU is visible, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible on this machine (use --device cpu)")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"--device {name!r}: use auto, cpu or cuda[:N]")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on a GPU and float32 on the CPU (where half precision is slow)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r}: use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def default_tree(device: torch.device) -> TreeConfig:
+    """The paper's tree (k=10, 60 verified nodes) on a GPU; a smaller budget on the CPU, where verifying
+    many tokens at once is far from free (DESIGN 5b, measured by benchmarks/bench_engine.py)."""
+    return TreeConfig(branching=10, max_calls=8, total_tokens=60 if device.type == "cuda" else 16)
+
+
+@dataclass
+class ModelPair:
+    target: Transformer
+    draft: Transformer | None
+    tokenizer: object  # a transformers PreTrainedTokenizerFast
+    tree: TreeConfig
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path,
+        draft: str | Path | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        tree: TreeConfig | None = None,
+    ) -> "ModelPair":
+        """Load a target (and optional draft) checkpoint directory and the target's tokenizer."""
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        target = Transformer.from_pretrained(model, device=dev, dtype=dt)
+        draft_model = Transformer.from_pretrained(draft, device=dev, dtype=dt) if draft else None
+        if draft_model is not None and draft_model.config.vocab_size != target.config.vocab_size:
+            raise ModelLoadError(
+                f"draft vocabulary ({draft_model.config.vocab_size} tokens, {draft}) does not match the target's "
+                f"({target.config.vocab_size} tokens, {model}): the draft must share the target's tokenizer"
+            )
+        return cls(target, draft_model, load_tokenizer(model), tree or default_tree(dev))
+
+    def encode(self, prompt: str, special_tokens: bool = True) -> list[int]:
+        """Token ids of raw text, with the tokenizer's special tokens (BOS) where it adds them."""
+        if not prompt or not prompt.strip():
+            raise ValueError("the prompt is empty")
+        return self.tokenizer(prompt, add_special_tokens=special_tokens)["input_ids"]
+
+    def chat_ids(self, question: str) -> list[int]:
+        """Token ids of a one-turn chat: the tokenizer's chat template, or the plain template when it has none."""
+        if not question or not question.strip():
+            raise ValueError("the prompt is empty")
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+            )
+            return self.encode(text, special_tokens=False)  # the template already holds BOS
+        return self.encode(PLAIN_TEMPLATE.format(question=question))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        method: Method | str = "ar",
+        sampling: Sampling = Sampling(),
+        max_new_tokens: int = 128,
+        seed: int = 0,
+        policy: StopPolicy | None = None,
+    ) -> GenerationResult:
+        """Decode with `ar`, `chain:D` or `tree:D`; `policy` overrides the fixed depth (e.g. a controller)."""
+        method = Method.parse(method) if isinstance(method, str) else method
+        generator = torch.Generator(self.target.device).manual_seed(seed)
+        if method.kind == "ar":
+            return generate_ar(self.target, prompt_ids, sampling, max_new_tokens, generator)
+        if self.draft is None:
+            raise ValueError(f"method {method} needs a draft model (--draft PATH)")
+        if method.kind == "chain":
+            cfg = TreeConfig(branching=1, max_calls=method.depth, total_tokens=method.depth)
+        else:
+            cfg = replace(self.tree, max_calls=method.depth)
+        policy = policy or FixedDepth(method.depth)
+        return generate_speculative(
+            self.target, SmallLMDrafter(self.draft), prompt_ids, cfg, policy, sampling, max_new_tokens, generator
+        )
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's Hugging Face tokenizer (tokenizer.json and its config)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types; the user needs one line
+        raise ModelLoadError(f"{path}: no usable tokenizer ({str(exc).splitlines()[0]})") from None

@@ -1,0 +1,149 @@
+"""Side-by-side benchmark: our decoders and Hugging Face's on the same prompts, in one process.
+
+Every method decodes the same prompts with the same limits. One warm-up prompt per method is excluded; then
+the prompt set is decoded `repeats` times, methods interleaved within each repeat so drift in machine load hits
+all of them alike, and the median repeat is kept. Speedups are ratios to `ar` measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from radar.decoding.generate import Method
+from radar.decoding.pair import ModelPair
+from radar.decoding.verify import Sampling
+from radar.platform.prompts import Prompt
+
+HF_METHODS = ("hf", "hf-assisted")
+
+
+@dataclass
+class BenchConfig:
+    prompts: str = "mt_bench"
+    limit: int | None = 20
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    methods: list[str] = field(default_factory=lambda: ["ar", "hf", "hf-assisted", "tree:4"])
+    repeats: int = 3
+    seed: int = 0
+    model: str | None = None
+    draft: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    tree_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for m in self.methods:
+            if m not in HF_METHODS:
+                Method.parse(m)  # raises a clear error for unknown methods
+        if "ar" not in self.methods:
+            self.methods = ["ar", *self.methods]  # speedups are against ar, measured in the same run
+        if self.repeats < 1 or self.max_new_tokens < 1:
+            raise ValueError("repeats and max_new_tokens must be >= 1")
+
+
+@dataclass
+class Run:
+    outputs: list[list[int]]
+    wall_s: float
+    new_tokens: int
+    accept_lengths: list[int]
+    draft_calls: list[int]
+
+
+class HFRunner:
+    """transformers' own generate, plain and assisted (the draft as assistant model), on the same checkpoints."""
+
+    def __init__(self, model: str, draft: str | None, device: torch.device, dtype: torch.dtype):
+        from transformers import AutoModelForCausalLM
+
+        self.device = device
+        self.target = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
+        self.draft = AutoModelForCausalLM.from_pretrained(draft, dtype=dtype).to(device).eval() if draft else None
+        eos = self.target.generation_config.eos_token_id
+        self.pad = eos[0] if isinstance(eos, list) else (eos if eos is not None else 0)
+
+    @torch.inference_mode()
+    def __call__(self, method: str, ids: list[int], sampling: Sampling, max_new_tokens: int, seed: int) -> list[int]:
+        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=self.pad, do_sample=not sampling.greedy)
+        if not sampling.greedy:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        if method == "hf-assisted":
+            if self.draft is None:
+                raise ValueError("method hf-assisted needs a draft model")
+            kwargs["assistant_model"] = self.draft
+        torch.manual_seed(seed)
+        x = torch.tensor([ids], device=self.device)
+        out = self.target.generate(x, attention_mask=torch.ones_like(x), **kwargs)
+        return out[0, len(ids) :].tolist()
+
+
+def run_method(
+    pair: ModelPair, hf: HFRunner | None, method: str, prompt_ids: list[list[int]], cfg: BenchConfig
+) -> Run:
+    """Decode every prompt once with `method`; wall time covers decoding only, not tokenisation."""
+    sampling = Sampling(cfg.temperature, cfg.top_p)
+    outputs, taus, calls, wall = [], [], [], 0.0
+    for i, ids in enumerate(prompt_ids):
+        seed = cfg.seed + i
+        if method in HF_METHODS:
+            t0 = time.perf_counter()
+            out = hf(method, ids, sampling, cfg.max_new_tokens, seed)
+            if pair.target.device.type == "cuda":
+                torch.cuda.synchronize()
+            wall += time.perf_counter() - t0
+        else:
+            result = pair.generate(ids, method, sampling, cfg.max_new_tokens, seed)
+            out, wall = result.token_ids, wall + result.stats.wall_s
+            taus += result.stats.accept_lengths
+            calls += result.stats.draft_calls_per_cycle
+        outputs.append(out)
+    return Run(outputs, wall, sum(map(len, outputs)), taus, calls)
+
+
+def run_bench(
+    pair: ModelPair,
+    prompts: list[Prompt],
+    cfg: BenchConfig,
+    hf: HFRunner | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> dict:
+    """Benchmark `cfg.methods` on `prompts`; returns the JSON-ready result (see module docstring)."""
+    prompt_ids = [pair.chat_ids(p.text) for p in prompts]
+    for method in cfg.methods:  # warm-up: one short decode each, excluded
+        run_method(pair, hf, method, prompt_ids[:1], BenchConfig(**{**asdict(cfg), "max_new_tokens": 8}))
+    runs: dict[str, list[Run]] = {m: [] for m in cfg.methods}
+    for _ in range(cfg.repeats):
+        for method in cfg.methods:
+            runs[method].append(run_method(pair, hf, method, prompt_ids, cfg))
+            if on_step:
+                on_step(method)
+
+    results = {}
+    for method, reps in runs.items():
+        median = sorted(reps, key=lambda r: r.wall_s)[len(reps) // 2]
+        results[method] = {
+            "tokens_per_s": median.new_tokens / median.wall_s,
+            "tau": statistics.fmean(median.accept_lengths) if median.accept_lengths else (1.0 if method in ("ar", "hf") else None),
+            "draft_calls_per_cycle": statistics.fmean(median.draft_calls) if median.draft_calls else (0.0 if method in ("ar", "hf") else None),
+            "wall_s": median.wall_s,
+            "wall_s_repeats": [r.wall_s for r in reps],
+            "new_tokens": median.new_tokens,
+            "outputs": median.outputs,
+        }
+    base = results["ar"]["tokens_per_s"]
+    for r in results.values():
+        r["speedup_vs_ar"] = r["tokens_per_s"] / base
+    ar_out = results["ar"]["outputs"]
+    return {
+        "config": {**asdict(cfg), "tree": asdict(pair.tree), "prompt_count": len(prompts),
+                   "device": str(pair.target.device), "dtype": str(pair.target.dtype).removeprefix("torch.")},
+        "methods": results,
+        "greedy_outputs_match_ar": {m: r["outputs"] == ar_out for m, r in results.items()} if cfg.temperature == 0 else None,
+    }

@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny checkpoints with a tokenizer, built once per session."""
+
+from __future__ import annotations
+
+import pytest
+
+from tiny_models import make_tiny_llama
+from tiny_tokenizer import add_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    """(target_dir, draft_dir): tiny Llama checkpoints sharing a 320-token BPE tokenizer; the draft is a
+    noisy copy of the target so drafts are often accepted."""
+    import torch
+
+    from radar.decoding.model import Transformer
+
+    root = tmp_path_factory.mktemp("pair")
+    target = add_tokenizer(make_tiny_llama(root, vocab=320, eos=2, bos=1, max_pos=1024, name="target"))
+    model = Transformer.from_pretrained(target)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * p.std() * torch.randn(p.shape, generator=gen))
+    draft = root / "draft"
+    model.save_pretrained(draft)
+    add_tokenizer(draft)
+    return target, draft

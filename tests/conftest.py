@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
+
+# Test models are tiny: one intra-op thread is as fast, and two threads spin against each other (and against
+# anything else on a 2-core machine), which made single forwards up to 100x slower in measurements here.
+torch.set_num_threads(1)
 
 from tiny_models import make_tiny_llama
 from tiny_tokenizer import add_tokenizer
@@ -12,8 +17,6 @@ from tiny_tokenizer import add_tokenizer
 def tiny_pair(tmp_path_factory):
     """(target_dir, draft_dir): tiny Llama checkpoints sharing a 320-token BPE tokenizer; the draft is a
     noisy copy of the target so drafts are often accepted."""
-    import torch
-
     from radar.decoding.model import Transformer
 
     root = tmp_path_factory.mktemp("pair")

@@ -1,0 +1,310 @@
+"""The RADAR controller: a small LSTM that decides, before every draft call after the first, whether to continue.
+
+Shape (reference code minaduki-sora/RADAR, branch `cm`, `LSTMPolicyNet` in eagle/train/train_hawkeye.py, the
+network the paper calls the prediction model and the code calls Hawkeye):
+
+    state s_t (k=10): the top-k cumulative draft log-probs of the frontier after t draft calls, sorted descending
+    LSTM(k -> 128, one layer, batch_first)                         -> h_t
+    MLP(concat(h_t, s_t): 138 -> 128, ReLU, Dropout, 128 -> 2)     -> logits, index 0 = stop, 1 = continue
+
+The head sees the LSTM output *and* the raw state. The reference concatenates in the order (h_t, s_t); we keep
+that order so a reference state dict loads with identical outputs (the key names and shapes alone could not tell
+the two orders apart). State-dict keys are exactly `lstm.weight_ih_l0`, `lstm.weight_hh_l0`, `lstm.bias_ih_l0`,
+`lstm.bias_hh_l0`, `mlp.0.weight`, `mlp.0.bias`, `mlp.3.weight`, `mlp.3.bias`.
+
+`ControllerPolicy` plugs the network into `radar.decoding.tree.draft_pool` through the `StopPolicy` protocol;
+`ThresholdPolicy` is the confidence-threshold baseline with the same interface.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# A frontier narrower than k (vocabulary smaller than k) is padded with this "no probability" score, and scores
+# below it (including -inf) are clamped to it. It stays finite because the head reads the raw state: a huge
+# negative input would swing the logits, while exp(-100) is already zero for every purpose here.
+PAD_LOGPROB = -100.0
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "controller.json"
+FORMAT = "radar-controller"
+FORMAT_VERSION = 1
+
+STOP, CONTINUE = 0, 1
+
+
+@dataclass
+class ControllerConfig:
+    input_size: int = 10  # k: frontier scores per state
+    hidden_size: int = 128  # LSTM hidden size
+    mlp_hidden: int = 128
+    dropout: float = 0.1  # in the head (and between LSTM layers when num_layers > 1)
+    num_layers: int = 1
+
+    def __post_init__(self) -> None:
+        if min(self.input_size, self.hidden_size, self.mlp_hidden, self.num_layers) < 1:
+            raise ValueError("input_size, hidden_size, mlp_hidden and num_layers must all be >= 1")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ControllerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown controller config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def frontier_state(frontier_scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The controller's input from a frontier's scores: float32, sorted descending, clamped to `PAD_LOGPROB`,
+    truncated or padded (with `PAD_LOGPROB`) to exactly k. Collection must build dataset states with this too."""
+    s = frontier_scores.detach().float().flatten()
+    s = torch.nan_to_num(s, nan=PAD_LOGPROB, neginf=PAD_LOGPROB).clamp_min(PAD_LOGPROB)
+    s = s.sort(descending=True).values[:k]
+    if s.numel() < k:
+        s = torch.cat((s, s.new_full((k - s.numel(),), PAD_LOGPROB)))
+    return s
+
+
+class LSTMController(nn.Module):
+    """LSTM over the per-step frontier scores, with an MLP head on concat(h_t, s_t) giving (stop, continue) logits."""
+
+    def __init__(self, config: ControllerConfig | None = None):
+        super().__init__()
+        self.config = config = config or ControllerConfig()
+        self.lstm = nn.LSTM(
+            input_size=config.input_size,
+            hidden_size=config.hidden_size,
+            num_layers=config.num_layers,
+            batch_first=True,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+        )
+        self.mlp = nn.Sequential(
+            nn.Linear(config.hidden_size + config.input_size, config.mlp_hidden),
+            nn.ReLU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.mlp_hidden, 2),
+        )
+
+    @property
+    def k(self) -> int:
+        return self.config.input_size
+
+    def forward(
+        self, states: torch.Tensor, hc: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Logits (B, T, 2) for a batch of state sequences (B, T, k); decision t sees states 1..t only."""
+        if states.dim() != 3 or states.shape[-1] != self.k:
+            raise ValueError(f"states must be (B, T, {self.k}), got {tuple(states.shape)}")
+        out, _ = self.lstm(states, hc)
+        return self.mlp(torch.cat((out, states), dim=-1))
+
+    def step(
+        self, state: torch.Tensor, hc: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One decision at inference: state (k,) and the LSTM state so far (None at a cycle's first decision)
+        -> (logits (2,), new LSTM state)."""
+        x = state.reshape(-1)
+        if x.numel() != self.k:
+            raise ValueError(f"state must have {self.k} scores, got {state.numel()}")
+        if self.training:  # dropout active: go through the modules
+            out, hc = self.lstm(x.view(1, 1, -1), hc)
+            return self.mlp(torch.cat((out, x.view(1, 1, -1)), dim=-1))[0, 0], hc
+        # Inference fast path: the same arithmetic as nn.LSTM / the head in eval mode, as matrix-vector products
+        # (about 8x less overhead per decision than calling the modules with a batch of one).
+        n, hidden = self.config.num_layers, self.config.hidden_size
+        if hc is None:
+            hc = (x.new_zeros(n, 1, hidden), x.new_zeros(n, 1, hidden))
+        hs, cs, inp = [], [], x
+        for i in range(n):
+            lstm = self.lstm
+            gates = torch.addmv(getattr(lstm, f"bias_ih_l{i}") + getattr(lstm, f"bias_hh_l{i}"),
+                                getattr(lstm, f"weight_ih_l{i}"), inp)
+            gates = torch.addmv(gates, getattr(lstm, f"weight_hh_l{i}"), hc[0][i, 0])
+            g_i, g_f, g_g, g_o = gates.chunk(4)  # PyTorch's gate order: input, forget, cell, output
+            c = torch.sigmoid(g_f) * hc[1][i, 0] + torch.sigmoid(g_i) * torch.tanh(g_g)
+            inp = torch.sigmoid(g_o) * torch.tanh(c)
+            hs.append(inp)
+            cs.append(c)
+        first, last = self.mlp[0], self.mlp[3]
+        z = torch.addmv(first.bias, first.weight, torch.cat((inp, x))).relu_()
+        logits = torch.addmv(last.bias, last.weight, z)
+        return logits, (torch.stack(hs)[:, None], torch.stack(cs)[:, None])
+
+    # ---- persistence -------------------------------------------------------------------------------------
+
+    def save(self, directory: str | Path, meta: dict | None = None) -> Path:
+        """Write `model.safetensors` and `controller.json` (config, format, optional `meta`) into `directory`."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
+        save_file(tensors, str(d / WEIGHTS_FILE), metadata={"format": FORMAT})
+        doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "head_input": "concat(h, state)",
+               "config": asdict(self.config), "meta": meta or {}}
+        (d / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "LSTMController":
+        """Load a controller written by `save`."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        cfg_path, weights_path = d / CONFIG_FILE, d / WEIGHTS_FILE
+        if not cfg_path.is_file() or not weights_path.is_file():
+            raise FileNotFoundError(
+                f"{d} is not a saved controller (needs {CONFIG_FILE} and {WEIGHTS_FILE}); for a reference "
+                "PyTorch checkpoint (.pt) use LSTMController.load_reference"
+            )
+        doc = json.loads(cfg_path.read_text())
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"{cfg_path} is not a {FORMAT} config (format={doc.get('format')!r})")
+        if doc.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(
+                f"{cfg_path} has format version {doc['format_version']}, this radar reads <= {FORMAT_VERSION}; "
+                "upgrade radar"
+            )
+        model = cls(ControllerConfig.from_dict(doc["config"]))
+        model._load_checked(load_file(str(weights_path)), str(weights_path))
+        return model.to(map_location)
+
+    @staticmethod
+    def read_meta(directory: str | Path) -> dict:
+        """The `meta` dict stored by `save` (training config, cost model, metrics ...)."""
+        return json.loads((Path(directory) / CONFIG_FILE).read_text()).get("meta", {})
+
+    @classmethod
+    def load_reference(
+        cls, path: str | Path, config: ControllerConfig | None = None, map_location: str | torch.device = "cpu"
+    ) -> "LSTMController":
+        """Load a reference-format PyTorch state dict (`torch.save(model.state_dict())` of the reference
+        `LSTMPolicyNet`), or a checkpoint dict holding it under 'state_dict' or 'model'. Loaded with
+        `weights_only=True`. Without `config`, sizes are read off the tensor shapes (dropout stays 0.1)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no reference checkpoint at {path}")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, dict):
+            for key in ("state_dict", "model"):
+                if isinstance(obj.get(key), dict):
+                    obj = obj[key]
+                    break
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise ValueError(
+                f"{path} does not hold a state dict (got {type(obj).__name__}); save the reference model with "
+                "torch.save(model.state_dict(), path)"
+            )
+        sd = {k.removeprefix("module."): v for k, v in obj.items()}  # DataParallel / DDP wrappers
+        if config is None:
+            config = _config_from_shapes(sd, str(path))
+        model = cls(config)
+        model._load_checked(sd, str(path))
+        return model.to(map_location)
+
+    def _load_checked(self, sd: dict[str, torch.Tensor], source: str) -> None:
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(sd))
+        unexpected = sorted(set(sd) - set(expected))
+        if missing or unexpected:
+            hint = ""
+            if any(k.startswith("mlp.2.") for k in unexpected):
+                hint = (" (this looks like the older Hawkeye head without the state skip-connection, "
+                        "Linear(128->64)-ReLU-Linear(64->2); only the LSTMPolicyNet layout is supported)")
+            raise ValueError(
+                f"{source} does not match the RADAR controller layout{hint}: missing keys {missing}, "
+                f"unexpected keys {unexpected}; expected {sorted(expected)}"
+            )
+        bad = [f"{k}: {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape]
+        if bad:
+            raise ValueError(f"{source}: tensor shapes do not match the controller config {self.config}: {bad}")
+        self.load_state_dict({k: v.float() for k, v in sd.items()})
+
+
+def _config_from_shapes(sd: dict[str, torch.Tensor], source: str) -> ControllerConfig:
+    try:
+        hidden = sd["lstm.weight_hh_l0"].shape[1]
+        input_size = sd["lstm.weight_ih_l0"].shape[1]
+        mlp_hidden = sd["mlp.0.weight"].shape[0]
+    except KeyError as e:
+        raise ValueError(
+            f"{source} does not match the RADAR controller layout: missing key {e.args[0]!r}; present keys "
+            f"{sorted(sd)}; expected lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0, "
+            "mlp.0.weight, mlp.0.bias, mlp.3.weight, mlp.3.bias"
+        ) from None
+    layers = sum(1 for k in sd if k.startswith("lstm.weight_ih_l"))
+    return ControllerConfig(input_size=input_size, hidden_size=hidden, mlp_hidden=mlp_hidden, num_layers=layers)
+
+
+def load_controller(path: str | Path, map_location: str | torch.device = "cpu") -> LSTMController:
+    """A saved controller directory (`LSTMController.save`) or a reference PyTorch checkpoint file."""
+    p = Path(path)
+    if p.is_dir():
+        return LSTMController.load(p, map_location)
+    return LSTMController.load_reference(p, map_location=map_location)
+
+
+class ControllerPolicy:
+    """`StopPolicy` backed by an `LSTMController`: one LSTM step per decision, LSTM state reset every cycle.
+
+    `greedy=True` takes the argmax action (continue when logit[1] > logit[0]); `greedy=False` samples it, as the
+    reference does at inference, from its own `torch.Generator` seeded with `seed`. Puts the controller in eval
+    mode. Counters: `decisions`, `continues`, `cycles`.
+    """
+
+    def __init__(self, controller: LSTMController, greedy: bool = True, seed: int = 0):
+        self.controller = controller.eval()
+        self.greedy = greedy
+        self.device = next(controller.parameters()).device
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.hc: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.decisions = self.continues = self.cycles = 0
+
+    def reset(self) -> None:
+        self.hc = None
+        self.cycles += 1
+
+    @torch.inference_mode()
+    def decide(self, calls: int, frontier_scores: torch.Tensor) -> bool:
+        if calls <= 1:  # a cycle's first decision: never carry LSTM state over from the previous cycle
+            self.hc = None
+        state = frontier_state(frontier_scores, self.controller.k).to(self.device)
+        logits, self.hc = self.controller.step(state, self.hc)
+        if self.greedy:
+            cont = bool(logits[CONTINUE] > logits[STOP])
+        else:
+            p_cont = float(torch.softmax(logits.float(), -1)[CONTINUE])
+            cont = float(torch.rand((), generator=self.generator)) < p_cont
+        self.decisions += 1
+        self.continues += cont
+        return cont
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return {"decisions": self.decisions, "continues": self.continues, "cycles": self.cycles,
+                "continue_rate": self.continues / self.decisions if self.decisions else math.nan}
+
+
+class ThresholdPolicy:
+    """Confidence-threshold baseline: keep drafting while exp(best frontier cumulative log-prob) >= threshold.
+
+    threshold <= 0 never stops (always t_max calls); threshold > 1 always stops after the first call.
+    """
+
+    def __init__(self, threshold: float):
+        self.threshold = float(threshold)
+        self.log_threshold = math.log(self.threshold) if self.threshold > 0 else -math.inf
+
+    def reset(self) -> None:
+        pass
+
+    def decide(self, calls: int, frontier_scores: torch.Tensor) -> bool:
+        return bool(frontier_scores.max() >= self.log_threshold)

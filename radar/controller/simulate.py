@@ -1,0 +1,300 @@
+"""Offline expected speedup of stop rules on held-out records: fixed depths, a confidence threshold, a trained
+controller, and the oracles that bound them.
+
+Every rule maps a record to a number of draft calls T in 1..t_max from the record's states alone (as it would
+live); the record's d_T then gives the exact expected tokens of that cycle, E[l | T] + 1 (bonus included), and the
+cost model its time T_gen(T). No sampling anywhere, so results are exact for the records.
+
+Aggregation is a ratio of means: speedup = ar_time * sum_records (E[l | T] + 1) / sum_records T_gen(T), i.e. total
+expected tokens over total expected time. That is what decoding speed is over many cycles (a renewal-reward
+argument: long-run tokens/s = E[tokens per cycle] / E[time per cycle]); the mean of per-cycle ratios would
+overweight cheap cycles and is reported only as `speedup_mean_of_ratios`.
+
+Policies (names in results):
+    fixed-i            always i calls (EAGLE's schedule is fixed-8)
+    threshold          keep drafting while exp(best frontier cumulative log-prob) >= threshold, the threshold
+                       tuned on training records for the same aggregate speedup
+    controller         the LSTM controller, greedy actions
+    oracle             per prefix, i* = argmax_i (E[l | i] + 1) / T_gen(i) (DESIGN's per-prefix bound). It is >= every
+                       fixed depth on every record, but NOT an upper bound on the aggregate: maximising each cycle's
+                       ratio is not maximising sum tokens / sum time.
+    oracle-throughput  per prefix, argmax_i (E[l | i] + 1) - lambda* T_gen(i), lambda* found by Dinkelbach's
+                       iteration: the best aggregate speedup any per-prefix choice of depth can reach, hence the true
+                       ceiling for every stop rule under ratio-of-means.
+
+Costs: only the controller runs the LSTM, so by default (`charge_eye="controller"`) only it is charged T_eye
+(Eq. 6); fixed depths, threshold and the oracles are charged T_0 + T_f * i. `charge_eye="all"` charges Eq. 6 to
+everyone, `"none"` to no one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from radar.controller.dataset import RecordSet
+from radar.controller.mdp import CostModel, expected_accepted
+from radar.controller.policy import CONTINUE, STOP, LSTMController, ThresholdPolicy
+
+FIXED_PREFIX = "fixed-"
+
+
+@dataclass
+class PolicyResult:
+    name: str
+    speedup: float  # ratio of means, vs AR
+    mean_calls: float
+    mean_tokens: float  # E[l | T] + 1 per cycle, averaged (tau)
+    mean_time: float  # seconds per cycle, averaged
+    speedup_mean_of_ratios: float
+    depth_hist: list[int]  # cycles per depth 1..t_max
+    charged_eye: bool
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class SimulationResult:
+    policies: dict[str, PolicyResult]
+    n_records: int
+    t_max: int
+    cost: dict
+    speedup_basis: str
+    aggregation: str = "ratio_of_means"
+
+    @property
+    def best_fixed(self) -> PolicyResult:
+        fixed = [p for n, p in self.policies.items() if n.startswith(FIXED_PREFIX)]
+        if not fixed:
+            raise ValueError("no fixed-depth policies were simulated")
+        return max(fixed, key=lambda p: p.speedup)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if any(n.startswith(FIXED_PREFIX) for n in self.policies):
+            d["best_fixed"] = self.best_fixed.name
+        return d
+
+    def table(self) -> str:
+        """A plain-text table, one row per policy."""
+        head = f"{'policy':<18} {'speedup':>8} {'calls':>6} {'tau':>6} {'ms/cycle':>9}  depth histogram 1..{self.t_max}"
+        rows = [head, "-" * len(head)]
+        for p in self.policies.values():
+            rows.append(f"{p.name:<18} {p.speedup:>7.3f}x {p.mean_calls:>6.2f} {p.mean_tokens:>6.2f} "
+                        f"{1000 * p.mean_time:>9.3f}  {p.depth_hist}")
+        rows.append(f"{self.n_records} records; speedup = ratio of means vs AR ({self.speedup_basis})")
+        return "\n".join(rows)
+
+
+# ---- depth choices --------------------------------------------------------------------------------------
+
+
+def depths_from_continues(cont: torch.Tensor) -> torch.Tensor:
+    """(N, t_max - 1) continue decisions -> (N,) draft calls: 1 + the continues before the first stop."""
+    return 1 + cont.long().cumprod(dim=1).sum(dim=1)
+
+
+def policy_depths(records: RecordSet, policy) -> torch.Tensor:
+    """Run any `StopPolicy` on each record's states exactly as `draft_pool` would (reset, then decide before every
+    call after the first, at most t_max calls) -> (N,) draft calls. Generic and slow; batched helpers below."""
+    out = torch.empty(len(records), dtype=torch.long)
+    for n in range(len(records)):
+        policy.reset()
+        calls = 1
+        while calls < records.t_max and policy.decide(calls, records.states[n, calls - 1]):
+            calls += 1
+        out[n] = calls
+    return out
+
+
+@torch.no_grad()
+def controller_depths(
+    controller: LSTMController, states: torch.Tensor, greedy: bool = True, seed: int = 0, chunk: int = 8192
+) -> torch.Tensor:
+    """Draft calls the controller makes on each state sequence (N, t_max, k), batched (the LSTM is causal, so
+    decisions after a stop do not change the earlier ones). Greedy: continue iff logit[1] > logit[0]."""
+    n, t_max, _ = states.shape
+    if t_max == 1:
+        return torch.ones(n, dtype=torch.long)
+    was_training = controller.training
+    controller.eval()
+    device = next(controller.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, n, chunk):
+        logits = controller(states[i:i + chunk, : t_max - 1].to(device)).float().cpu()
+        if greedy:
+            cont = logits[..., CONTINUE] > logits[..., STOP]
+        else:
+            cont = torch.rand(logits.shape[:-1], generator=gen) < torch.softmax(logits, -1)[..., CONTINUE]
+        out.append(depths_from_continues(cont))
+    controller.train(was_training)
+    return torch.cat(out)
+
+
+def threshold_depths(states: torch.Tensor, threshold: float) -> torch.Tensor:
+    """`ThresholdPolicy(threshold)` on every record at once."""
+    t_max = states.shape[1]
+    if t_max == 1:
+        return torch.ones(states.shape[0], dtype=torch.long)
+    log_thr = ThresholdPolicy(threshold).log_threshold
+    return depths_from_continues(states[:, : t_max - 1].max(dim=-1).values >= log_thr)
+
+
+def _tokens_and_time(records: RecordSet, cost: CostModel, controller: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, t_max) expected tokens E[l | i] + 1 and (t_max,) T_gen(i)."""
+    if records.t_max != cost.t_max:
+        raise ValueError(f"records have t_max={records.t_max} but the cost model has t_max={cost.t_max}; use a "
+                         "cost model measured for the same t_max")
+    return expected_accepted(records.dists.double()) + 1, cost.t_gen_table(controller)
+
+
+def oracle_depths(records: RecordSet, cost: CostModel, controller: bool = False) -> torch.Tensor:
+    """Per prefix, argmax_i (E[l | i] + 1) / T_gen(i) (ties -> fewer calls)."""
+    tokens, t_gen = _tokens_and_time(records, cost, controller)
+    return (tokens / t_gen).argmax(dim=1) + 1  # argmax returns the first maximum
+
+
+def throughput_oracle_depths(
+    records: RecordSet, cost: CostModel, controller: bool = False, max_iter: int = 100
+) -> tuple[torch.Tensor, float]:
+    """Depths maximising sum tokens / sum time over the records (Dinkelbach), and the optimal tokens per second.
+
+    For a fixed lambda the best per-prefix choice is argmax_i tokens_i - lambda * T_gen(i); starting from the best
+    fixed depth's rate and setting lambda to the rate of the last choice increases lambda strictly until the
+    choice stops changing, at which point no choice of depths has a higher aggregate rate."""
+    tokens, t_gen = _tokens_and_time(records, cost, controller)
+    lam = float((tokens.sum(0) / (t_gen * len(records))).max())
+    depths = None
+    for _ in range(max_iter):
+        choice = (tokens - lam * t_gen).argmax(dim=1)
+        rate = float(tokens.gather(1, choice[:, None]).sum() / t_gen[choice].sum())
+        if depths is not None and rate <= lam * (1 + 1e-12):
+            break
+        depths, lam = choice + 1, rate
+    return depths, lam
+
+
+def tune_threshold(records: RecordSet, cost: CostModel, candidates: torch.Tensor | None = None) -> float:
+    """The threshold with the best aggregate speedup on `records` (ties -> the larger threshold, fewer calls).
+    Default candidates: 0 (never stop), 1.01 (always stop) and 64 quantiles of the confidences the rule sees."""
+    if candidates is None:
+        conf = records.states[:, : max(records.t_max - 1, 1)].max(-1).values.exp().flatten().double()
+        conf = conf[:: conf.numel() // 1_000_000 + 1]  # torch.quantile caps its input size; a stride is plenty
+        qs = torch.quantile(conf, torch.linspace(0, 1, 64, dtype=torch.float64)) if conf.numel() else conf
+        candidates = torch.cat((torch.tensor([0.0, 1.01], dtype=torch.float64), qs)).unique()
+    tokens, t_gen = _tokens_and_time(records, cost, controller=False)
+    best, best_rate = None, -1.0
+    for thr in sorted(candidates.tolist(), reverse=True):
+        d = threshold_depths(records.states, thr) - 1
+        rate = float(tokens.gather(1, d[:, None]).sum() / t_gen[d].sum())
+        if rate > best_rate * (1 + 1e-12):
+            best, best_rate = thr, rate
+    return float(best)
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------
+
+
+def evaluate_depths(
+    records: RecordSet, depths: torch.Tensor, cost: CostModel, name: str, controller: bool = False,
+    params: dict | None = None,
+) -> PolicyResult:
+    """Aggregate one policy's depth choices into expected speedup and statistics."""
+    tokens, t_gen = _tokens_and_time(records, cost, controller)
+    d = depths.long().cpu() - 1
+    if ((d < 0) | (d >= records.t_max)).any():
+        raise ValueError(f"{name}: depths must be in 1..{records.t_max}")
+    tok = tokens.gather(1, d[:, None]).squeeze(1)
+    time = t_gen[d]
+    return PolicyResult(
+        name=name,
+        speedup=float(cost.ar_time * tok.sum() / time.sum()),
+        mean_calls=float(depths.double().mean()),
+        mean_tokens=float(tok.mean()),
+        mean_time=float(time.mean()),
+        speedup_mean_of_ratios=float((cost.ar_time * tok / time).mean()),
+        depth_hist=torch.bincount(d, minlength=records.t_max).tolist(),
+        charged_eye=controller,
+        params=params or {},
+    )
+
+
+def simulate(
+    records: RecordSet,
+    cost: CostModel,
+    controller: LSTMController | None = None,
+    threshold: float | None = None,
+    train_records: RecordSet | None = None,
+    fixed: bool = True,
+    charge_eye: str = "controller",
+) -> SimulationResult:
+    """Expected speedup of every fixed depth, the threshold rule (given, or tuned on `train_records`; omitted when
+    neither), the controller (when given), and both oracles, on held-out `records`."""
+    if charge_eye not in ("controller", "all", "none"):
+        raise ValueError(f"charge_eye must be 'controller', 'all' or 'none', got {charge_eye!r}")
+    if len(records) == 0:
+        raise ValueError("no records to simulate")
+    base_eye = charge_eye == "all"
+    ctrl_eye = charge_eye != "none"
+    res: dict[str, PolicyResult] = {}
+    if fixed:
+        for i in range(1, records.t_max + 1):
+            res[f"{FIXED_PREFIX}{i}"] = evaluate_depths(
+                records, torch.full((len(records),), i), cost, f"{FIXED_PREFIX}{i}", base_eye)
+    if threshold is None and train_records is not None:
+        threshold = tune_threshold(train_records, cost)
+    if threshold is not None:
+        res["threshold"] = evaluate_depths(records, threshold_depths(records.states, threshold), cost, "threshold",
+                                           base_eye, {"threshold": threshold})
+    if controller is not None:
+        res["controller"] = evaluate_depths(records, controller_depths(controller, records.states), cost,
+                                            "controller", ctrl_eye, {"greedy": True})
+    res["oracle"] = evaluate_depths(records, oracle_depths(records, cost, base_eye), cost, "oracle", base_eye)
+    depths, _ = throughput_oracle_depths(records, cost, base_eye)
+    res["oracle-throughput"] = evaluate_depths(records, depths, cost, "oracle-throughput", base_eye)
+    return SimulationResult(res, len(records), records.t_max, cost.to_dict(), cost.speedup_basis)
+
+
+def plot(results: SimulationResult, path) -> None:
+    """Save a PNG: expected speedup per policy (left) and the depth histograms of the adaptive ones (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results.policies)
+    speed = [results.policies[n].speedup for n in names]
+    colors = ["#9aa5b1" if n.startswith(FIXED_PREFIX) else "#2b6cb0" if n in ("controller", "threshold")
+              else "#c05621" for n in names]
+    adaptive = [n for n in names if not n.startswith(FIXED_PREFIX)]
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    bars = ax1.bar(range(len(names)), speed, color=colors)
+    ax1.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax1.set_ylabel(f"expected speedup vs AR ({results.speedup_basis})")
+    lo = min(speed)
+    ax1.set_ylim(max(0.0, lo - 0.15 * (max(speed) - lo + 1e-9) - 0.05), max(speed) * 1.04)
+    for b, s in zip(bars, speed):
+        ax1.annotate(f"{s:.2f}", (b.get_x() + b.get_width() / 2, s), ha="center", va="bottom", fontsize=8)
+    if any(n.startswith(FIXED_PREFIX) for n in names):
+        best = results.best_fixed
+        ax1.axhline(best.speedup, color="#555", ls="--", lw=0.8, label=f"best fixed ({best.name})")
+        ax1.legend(fontsize=8, loc="lower right")
+    ax1.set_title(f"{results.n_records} held-out records, ratio of means")
+
+    depths = list(range(1, results.t_max + 1))
+    width = 0.8 / max(len(adaptive), 1)
+    for j, n in enumerate(adaptive):
+        h = results.policies[n].depth_hist
+        total = max(sum(h), 1)
+        ax2.bar([d - 0.4 + width * (j + 0.5) for d in depths], [c / total for c in h], width,
+                label=f"{n} (mean {results.policies[n].mean_calls:.2f})")
+    ax2.set_xticks(depths, [str(d) for d in depths])
+    ax2.set_xlabel("draft calls per cycle")
+    ax2.set_ylabel("fraction of cycles")
+    ax2.legend(fontsize=8)
+    ax2.set_title("chosen depths")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

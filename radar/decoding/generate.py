@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from radar.decoding.drafters import Drafter
-from radar.decoding.model import Transformer
-from radar.decoding.tree import FixedDepth, StopPolicy, TreeConfig, build_tree
+from radar.decoding.model import KVCache, Transformer
+from radar.decoding.tree import DraftTree, FixedDepth, StopPolicy, TreeConfig, build_tree
 from radar.decoding.verify import Sampling, next_token, walk
 
 
@@ -133,6 +133,31 @@ def generate_ar(
     return GenerationResult(out, stats)
 
 
+def verify_tree(
+    target: Transformer, cache: KVCache, pending: torch.Tensor, tree: DraftTree, root_pos: int
+) -> tuple[torch.Tensor, int]:
+    """One verification forward: the target's pending tokens (causal, root last) then the tree's nodes (each sees
+    its ancestors). Returns (logits (1 + N, V): row 0 after the root, row 1 + i after node i; the cache slot of
+    node 0)."""
+    device = pending.device
+    n_pend, n_tree = pending.numel(), len(tree)
+    mask = torch.ones(n_pend + n_tree, n_pend + n_tree, dtype=torch.bool, device=device).tril()
+    mask[n_pend:, n_pend:] = tree.ancestors
+    positions = torch.cat((torch.arange(root_pos - n_pend + 1, root_pos + 1, device=device), root_pos + tree.depths))
+    base = cache.length + n_pend  # slot of the first tree node
+    logits = target(torch.cat((pending, tree.tokens))[None], positions[None], cache, mask)[0, n_pend - 1 :]
+    return logits, base
+
+
+def commit_path(cache: KVCache, drafter: Drafter, tree: DraftTree, path: list[int], base: int) -> int:
+    """Both caches keep only the accepted path (tree node indices, root-down); returns how many of those nodes the
+    drafter had been fed (the rest of the committed tokens stay pending for it)."""
+    cache.keep(base, [base + i for i in path])
+    fed = [tree.draft_slots[i] for i in path if tree.draft_slots[i] >= 0]
+    drafter.keep(tree.draft_base, fed)
+    return len(fed)
+
+
 @torch.inference_mode()
 def generate_speculative(
     target: Transformer,
@@ -160,19 +185,9 @@ def generate_speculative(
         policy.reset()
         tree = build_tree(drafter, draft_pending, root_pos, tree_cfg, policy)
 
-        # Verify: the target's pending tokens (causal) then the tree (each node sees its ancestors).
-        n_pend, n_tree = target_pending.numel(), len(tree)
-        mask = torch.ones(n_pend + n_tree, n_pend + n_tree, dtype=torch.bool, device=device).tril()
-        mask[n_pend:, n_pend:] = tree.ancestors
-        positions = torch.cat((torch.arange(root_pos - n_pend + 1, root_pos + 1, device=device), root_pos + tree.depths))
-        base = cache.length + n_pend  # slot of the first tree node
-        logits = target(torch.cat((target_pending, tree.tokens))[None], positions[None], cache, mask)[0, n_pend - 1 :]
+        logits, base = verify_tree(target, cache, target_pending, tree, root_pos)
         path, bonus = walk(tree, logits, sampling, generator)
-
-        # Commit: both caches keep the accepted path; what the drafter was never fed stays pending for it.
-        cache.keep(base, [base + i for i in path])
-        fed = [tree.draft_slots[i] for i in path if tree.draft_slots[i] >= 0]
-        drafter.keep(tree.draft_base, fed)
+        n_fed = commit_path(cache, drafter, tree, path, base)
         new = tree.tokens[path].tolist() + [bonus]
         stats.target_calls += 1
         stats.draft_calls += tree.draft_calls
@@ -182,7 +197,7 @@ def generate_speculative(
         if reason:
             break
         target_pending = torch.tensor([bonus], device=device)
-        draft_pending = torch.tensor(new[len(fed) :], device=device)
+        draft_pending = torch.tensor(new[n_fed:], device=device)
     _sync(device)
     stats.wall_s = time.perf_counter() - t0
     stats.new_tokens, stats.finish_reason = len(out), budget_reason if reason == "length" else reason

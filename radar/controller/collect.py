@@ -1,0 +1,257 @@
+"""Collect the controller's dataset (paper Sec. 2.3): one record {S, D} per decoding cycle of a real generation.
+
+Per cycle, with the committed prefix x:
+
+  1. The drafter makes the full t_max-call pool once (`draft_pool` with `FixedDepth(t_max)`, branching k). The pool
+     is built call by call and nodes are appended in depth order, so the nodes of depth <= i are exactly the pool
+     that i calls would have made; the tree the engine verifies with i calls, T_i, is `select_tree` of that prefix.
+  2. The target verifies the union of T_1..T_tmax in ONE forward (each node sees its ancestors only, so its logits
+     are the ones it gets in its own tree's verification), and `acceptance_distribution` gives every d_i exactly
+     from `target_probs` at the collection temperature (one-hot argmax rows at temperature 0), zero-padded to
+     t_max + 1 lengths.
+  3. S: row i - 1 is the frontier after call i (the top-k pool nodes of depth i by cumulative log-prob), through
+     `frontier_state`, the controller's own input builder.
+  4. The cycle is committed like the engine at depth t_max: `walk` over T_tmax (lossless: greedy, or a draw from the
+     target), both caches keep the accepted path (`commit_path`). The prefixes therefore follow the target's own
+     distribution, the same text `generate_speculative` (and plain decoding) produces.
+
+Metadata: `position` is the index of the cycle's root, the prefix's last committed token (prompt included), so the
+prefix is (prompt ids + generated ids)[: position + 1]; the first record of a prompt has position len(prompt) - 1.
+
+Records are reproducible: each prompt's sampling generator is seeded from (seed, prompt id), so a prompt gives the
+same records whatever shard or order it is collected in. With that seed, `pair.generate(ids, "tree:<t_max>",
+seed=prompt_seed(seed, prompt.id))` samples the very same text (tested).
+
+Cost: per cycle t_max draft calls (as at depth t_max) and one target forward over the union, which is larger than
+one tree (up to t_max * total_tokens nodes, typically 1.5-3x one tree), plus t_max small CPU passes for the d_i.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import replace
+from typing import Callable
+
+import numpy as np
+import torch
+
+from radar.controller.dataset import SCHEMA_VERSION, Record
+from radar.controller.policy import frontier_state
+from radar.decoding.drafters import SmallLMDrafter
+from radar.decoding.generate import _budget, _finish, commit_path, verify_tree
+from radar.decoding.pair import ModelPair
+from radar.decoding.tree import DraftPool, DraftTree, FixedDepth, TreeConfig, draft_pool, select_tree
+from radar.decoding.verify import Sampling, acceptance_distribution, target_probs, walk
+from radar.platform.prompts import Prompt
+
+
+def prompt_seed(seed: int, prompt_id: str) -> int:
+    """The sampling seed of one prompt: stable across processes, shards and prompt order."""
+    return zlib.crc32(f"{seed}:{prompt_id}".encode()) & 0x7FFFFFFF
+
+
+def model_names(pair: ModelPair, target: str | None = None, draft: str | None = None) -> tuple[str, str]:
+    """Names stored in the records' metadata: the given ones, else the paths the pair was loaded from when it keeps
+    them (`target_path` / `draft_path`), else the tokenizer's source (the target's directory) and "draft"."""
+    target = target or getattr(pair, "target_path", None) or getattr(pair.tokenizer, "name_or_path", None) or "target"
+    draft = draft or getattr(pair, "draft_path", None) or "draft"
+    return str(target), str(draft)
+
+
+def pool_prefix(pool: DraftPool, calls: int) -> DraftPool:
+    """The pool `calls` draft calls would have made: the nodes of depth <= calls (nodes are stored depth by depth)."""
+    n = int((pool.depths <= calls).sum())
+    return replace(
+        pool,
+        tokens=pool.tokens[:n],
+        parents=pool.parents[:n],
+        depths=pool.depths[:n],
+        scores=pool.scores[:n],
+        ancestors=pool.ancestors[:n, :n],
+        draft_slots=pool.draft_slots[:n],
+        frontier_scores=pool.frontier_scores[: calls - 1],
+        draft_calls=min(calls, pool.draft_calls),
+    )
+
+
+def selected_nodes(pool: DraftPool, total_tokens: int) -> torch.Tensor:
+    """The pool indices `select_tree(pool, total_tokens)` keeps, in pool order (select_tree run on the pool with
+    every token replaced by its own index, so the rerank is literally the engine's)."""
+    index_pool = replace(pool, tokens=torch.arange(pool.tokens.numel(), device=pool.tokens.device))
+    return select_tree(index_pool, total_tokens).tokens
+
+
+def induced_tree(pool: DraftPool, keep: torch.Tensor) -> DraftTree:
+    """The tree of the pool nodes `keep` (sorted, closed under ancestors), e.g. the union of several trees."""
+    remap = torch.full((pool.tokens.numel() + 1,), -1, dtype=torch.long, device=keep.device)
+    remap[keep] = torch.arange(keep.numel(), device=keep.device)
+    parents = pool.parents[keep]
+    parents = torch.where(parents >= 0, remap[parents.clamp(min=0)], parents)
+    if (parents[pool.parents[keep] >= 0] < 0).any():
+        raise ValueError("the node set is not closed under ancestors")
+    return DraftTree(
+        tokens=pool.tokens[keep],
+        parents=parents,
+        depths=pool.depths[keep],
+        scores=pool.scores[keep],
+        ancestors=pool.ancestors[keep][:, keep],
+        draft_slots=pool.draft_slots[keep].tolist(),
+        draft_base=pool.draft_base,
+        draft_calls=pool.draft_calls,
+    )
+
+
+def cycle_distributions(
+    union: DraftTree, trees: list[DraftTree], nodes: list[torch.Tensor], logits: torch.Tensor, sampling: Sampling,
+    t_max: int,
+) -> np.ndarray:
+    """D (t_max, t_max + 1): d_i of every tree from the union's verification logits (1 + len(union), V);
+    `nodes[i]` are tree i's nodes as union indices.
+
+    `acceptance_distribution` only reads the target's probability of each drafted token, so it runs on the CPU on
+    the columns of the tokens the union drafted (tree tokens renumbered to those columns): exact, and it moves
+    (1 + len(union)) x (distinct tokens) numbers off the device instead of a vocabulary-wide row per node."""
+    if sampling.greedy:
+        probs = torch.zeros_like(logits, dtype=torch.float32)
+        probs.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    else:
+        probs = target_probs(logits, sampling)
+    columns, local = torch.unique(union.tokens, return_inverse=True)
+    small, local = probs[:, columns].cpu(), local.cpu()
+    dists = np.zeros((len(trees), t_max + 1), dtype=np.float32)
+    for i, (tree, idx) in enumerate(zip(trees, nodes)):
+        idx = idx.cpu()
+        compact = replace(tree, tokens=local[idx], parents=tree.parents.cpu(), depths=tree.depths.cpu(),
+                          ancestors=tree.ancestors.cpu())
+        d = acceptance_distribution(compact, small[torch.cat((torch.zeros(1, dtype=torch.long), 1 + idx))]).numpy()
+        dists[i, : d.shape[0]] = d
+    return dists
+
+
+@torch.inference_mode()
+def collect_prompt(
+    pair: ModelPair,
+    prompt: Prompt,
+    *,
+    t_max: int = 8,
+    k: int = 10,
+    total_tokens: int | None = None,
+    temperature: float = 0.0,
+    max_new_tokens: int = 128,
+    seed: int = 0,
+    names: tuple[str, str] | None = None,
+    on_record: Callable[[Record], None] | None = None,
+) -> tuple[list[Record], list[int]]:
+    """Records of one prompt's generation, and the generated tokens (new ones only)."""
+    if pair.draft is None:
+        raise ValueError("collecting records needs a draft model (--draft PATH)")
+    total_tokens = pair.tree.total_tokens if total_tokens is None else total_tokens
+    cfg = TreeConfig(branching=k, max_calls=t_max, total_tokens=total_tokens)
+    if k > pair.draft.config.vocab_size:
+        raise ValueError(f"branching k={k} exceeds the vocabulary ({pair.draft.config.vocab_size} tokens)")
+    sampling = Sampling(temperature=temperature)
+    target, device = pair.target, pair.target.device
+    drafter = SmallLMDrafter(pair.draft)
+    target_name, draft_name = names or model_names(pair)
+    generator = torch.Generator(device).manual_seed(prompt_seed(seed, prompt.id))
+
+    prompt_ids = pair.chat_ids(prompt.text)
+    try:
+        budget, _ = _budget(target, len(prompt_ids), max_new_tokens)
+    except ValueError as exc:
+        raise ValueError(f"prompt {prompt.id!r}: {exc}") from None
+    eos = set(target.config.eos_token_id)
+    max_len = len(prompt_ids) + budget + cfg.max_nodes + 1
+    cache = target.new_cache(max_len)
+    drafter.begin(max_len)
+    target_pending = torch.tensor(prompt_ids, device=device)
+    draft_pending = target_pending
+    out: list[int] = []
+    records: list[Record] = []
+    while True:
+        root_pos = len(prompt_ids) + len(out) - 1
+        pool = draft_pool(drafter, draft_pending, root_pos, cfg, FixedDepth(t_max))
+
+        # The trees of i = 1..t_max calls and their union, in pool indices.
+        prefixes = [pool_prefix(pool, i) for i in range(1, t_max + 1)]
+        trees = [select_tree(prefix, total_tokens) for prefix in prefixes]  # exactly the engine's trees
+        keeps = [selected_nodes(prefix, total_tokens) for prefix in prefixes]
+        union = torch.unique(torch.cat(keeps))  # sorted: pool order, parents before children
+        where = torch.full((len(pool.tokens),), -1, dtype=torch.long, device=union.device)
+        where[union] = torch.arange(union.numel(), device=union.device)
+        nodes = [where[keep] for keep in keeps]  # tree i's nodes as union indices
+
+        union_tree = induced_tree(pool, union)
+        logits, base = verify_tree(target, cache, target_pending, union_tree, root_pos)
+        dists = cycle_distributions(union_tree, trees, nodes, logits, sampling, t_max)
+        states = torch.stack([frontier_state(pool.scores[pool.depths == i], k) for i in range(1, t_max + 1)])
+        record = Record(
+            states=states.cpu().numpy(),
+            dists=dists,
+            prompt_id=str(prompt.id),
+            position=root_pos,
+            target=target_name,
+            draft=draft_name,
+            temperature=float(temperature),
+            schema_version=SCHEMA_VERSION,
+        )
+        records.append(record)
+        if on_record is not None:
+            on_record(record)
+
+        # Commit like the engine at depth t_max: walk T_tmax, keep its accepted path in both caches.
+        rows = torch.cat((torch.zeros(1, dtype=torch.long, device=union.device), 1 + nodes[-1]))
+        path, bonus = walk(trees[-1], logits[rows], sampling, generator)
+        union_path = nodes[-1][path].tolist()
+        n_fed = commit_path(cache, drafter, union_tree, union_path, base)
+        new = trees[-1].tokens[path].tolist() + [bonus]
+        if _finish(out, new, eos, budget):
+            break
+        target_pending = torch.tensor([bonus], device=device)
+        draft_pending = torch.tensor(new[n_fed:], device=device)
+    return records, out
+
+
+def collect_records(
+    pair: ModelPair,
+    prompts: list[Prompt],
+    *,
+    t_max: int = 8,
+    k: int = 10,
+    total_tokens: int | None = None,
+    temperature: float = 0.0,
+    max_new_tokens: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+    on_record: Callable[[Record], None] | None = None,
+    target_name: str | None = None,
+    draft_name: str | None = None,
+) -> list[Record]:
+    """One record per decoding cycle of every prompt's generation (see the module docstring).
+
+    `total_tokens` defaults to the pair's tree budget (`pair.tree.total_tokens`); `on_record` is called with each
+    record as soon as it exists (for streaming shards); `target_name`/`draft_name` go into the metadata (default:
+    see `model_names`). Deterministic for a given seed: each prompt's sampling uses `prompt_seed(seed, prompt.id)`.
+    """
+    if t_max < 1 or k < 1:
+        raise ValueError("t_max and k must be >= 1")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    names = model_names(pair, target_name, draft_name)
+    from tqdm.auto import tqdm
+
+    records: list[Record] = []
+    with tqdm(total=len(prompts), desc="collect", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
+        for prompt in prompts:
+            recs, _ = collect_prompt(
+                pair, prompt, t_max=t_max, k=k, total_tokens=total_tokens, temperature=temperature,
+                max_new_tokens=max_new_tokens, seed=seed, names=names, on_record=on_record,
+            )
+            records.extend(recs)
+            bar.update(1)
+            bar.set_postfix(records=len(records))
+    return records
+
+
+__all__ = ["collect_records", "collect_prompt", "prompt_seed", "model_names", "pool_prefix", "selected_nodes",
+           "induced_tree"]

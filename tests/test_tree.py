@@ -15,6 +15,16 @@ from radar.decoding.tree import DraftPool, FixedDepth, TreeConfig, build_tree, d
 
 from tiny_models import make_tiny_llama
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on busy shared cores their barriers stall for long."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 VOCAB = 32
 PENDING = torch.tensor([5, 9, 2])  # committed tokens the drafter has not seen, root (2) last
 ROOT_POSITION = 2
@@ -61,7 +71,10 @@ class Recorder:
         return calls < self.stop_after
 
 
-def pool_for(k: int, calls: int, seed: int = 0, policy=None, max_calls: int | None = None) -> tuple[DraftPool, ScriptedDrafter]:
+def pool_for(
+    k: int, calls: int, seed: int = 0, policy=None, max_calls: int | None = None
+) -> tuple[DraftPool, ScriptedDrafter]:
+    """The pool of one cycle on a ScriptedDrafter: `calls` draft calls (FixedDepth) unless `policy` says otherwise."""
     drafter = ScriptedDrafter(seed=seed)
     drafter.begin(1024)
     cfg = TreeConfig(branching=k, max_calls=max_calls or calls, total_tokens=1)
@@ -138,14 +151,14 @@ def test_drafter_sees_each_frontier_node_with_exactly_its_ancestors_at_parent_de
     assert len(drafter.calls) == d  # the pending tokens (call 1) and d - 1 frontier calls
     tokens, positions, mask = drafter.calls[0]
     assert torch.equal(tokens, PENDING) and torch.equal(positions, torch.arange(3)) and mask is None
-    fed: list[int] = []  # pool indices of the nodes fed so far, in slot order
-    for call, (tokens, positions, mask) in enumerate(drafter.calls[1:], start=2):
-        frontier = [int(i) for i in (pool.draft_slots - pool.draft_base).argsort() if pool.draft_slots[i] >= 0][len(fed) : len(fed) + k]
-        assert (pool.depths[frontier] == call - 1).all()
+    fed = [int(i) for i in pool.draft_slots.argsort() if pool.draft_slots[i] >= 0]  # pool indices in slot order
+    for call, (tokens, positions, mask) in enumerate(drafter.calls[1:]):
+        frontier, before = fed[call * k : (call + 1) * k], fed[: call * k]
+        assert (pool.depths[frontier] == call + 1).all()
         assert torch.equal(tokens, pool.tokens[frontier])
         assert torch.equal(positions, ROOT_POSITION + pool.depths[frontier])
-        assert torch.equal(mask, pool.ancestors[frontier][:, fed + frontier])
-        fed += frontier
+        # Columns: the nodes fed in earlier calls, then this call's nodes; each row sees its ancestors and itself.
+        assert torch.equal(mask, pool.ancestors[frontier][:, before + frontier])
 
 
 def test_nodes_fed_to_the_drafter_have_consecutive_slots_after_the_prefix_and_last_call_leaves_have_none():
@@ -273,6 +286,27 @@ def test_select_tree_remaps_parents_onto_the_same_pool_nodes(k, d, n):
     for i, p in enumerate(tree.parents.tolist()):
         assert int(pool.parents[idx[i]]) == (idx[p] if p >= 0 else -1)
         assert tree.draft_slots[i] == int(pool.draft_slots[idx[i]])
+
+
+class CertainDrafter(ScriptedDrafter):
+    """After token t it is certain of t + 1 (log-prob exactly 0.0 in float32), then t + 2, t + 3, ... far behind."""
+
+    def forward(self, tokens, positions, tree_mask):
+        super().forward(tokens, positions, tree_mask)
+        ranks = (torch.arange(self.vocab_size) - tokens[:, None] - 1) % self.vocab_size
+        return torch.log_softmax(-200.0 * ranks.float(), -1)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_a_child_tied_with_its_parent_is_kept_only_after_the_parent(n):
+    drafter = CertainDrafter()
+    drafter.begin(64)
+    pool = draft_pool(drafter, PENDING, ROOT_POSITION, TreeConfig(2, 5, n), FixedDepth(5))
+    certain = (pool.scores == 0).nonzero().flatten()
+    assert certain.numel() == 5  # the chain 3, 4, 5, 6, 7 after root 2 all score exactly 0
+    tree = select_tree(pool, n)
+    assert tree.tokens.tolist() == list(range(3, 3 + n))
+    assert tree.parents.tolist() == list(range(-1, n - 1))
 
 
 @pytest.mark.parametrize("d", range(1, 9))

@@ -15,6 +15,15 @@ from radar.decoding.tree import DraftTree
 from radar.decoding.verify import Sampling, acceptance_distribution, next_token, target_probs, walk
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on busy shared cores their barriers stall for long."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_tree(parents: list[int], tokens: list[int]) -> DraftTree:
     """A DraftTree from parent indices (-1 = root, parents before children) and tokens; draft-side fields are dummies."""
     n = len(parents)
@@ -200,6 +209,7 @@ def test_acceptance_distribution_is_one_hot_at_the_greedy_walk_length_for_one_ho
     assert acceptance_distribution(TREE, probs).tolist() == expected.tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampling", [Sampling(1.0), Sampling(0.8, 0.95)], ids=["T1", "T0.8-top_p0.95"])
 def test_acceptance_distribution_matches_monte_carlo_walks(sampling):
     """20000 sampled walks on one tree; the empirical law of len(path) is within TV 0.02 of the exact one.
@@ -211,7 +221,7 @@ def test_acceptance_distribution_matches_monte_carlo_walks(sampling):
     """
     logits = 1.5 * torch.randn(1 + len(TREE), VOCAB, generator=torch.Generator().manual_seed(3))
     # Make the drafted children likely so every depth has real mass.
-    for i, (p, t) in enumerate(zip(TREE.parents.tolist(), TREE.tokens.tolist())):
+    for p, t in zip(TREE.parents.tolist(), TREE.tokens.tolist()):
         logits[p + 1, t] += 2.5
     probs = target_probs(logits, sampling)
     exact = acceptance_distribution(TREE, probs).double()
@@ -226,7 +236,7 @@ def test_acceptance_distribution_matches_monte_carlo_walks(sampling):
     assert tv < 0.02, (counts / n, exact)
 
 
-def test_sampled_walk_bonus_is_never_an_accepted_childs_token():
+def test_sampled_walk_bonus_is_never_a_child_token_of_the_node_it_stops_at():
     # When the walk stops at a node, its bonus is a token none of that node's children carry (else it would descend).
     logits = torch.randn(1 + len(TREE), VOCAB, generator=torch.Generator().manual_seed(5))
     children = TREE.children()

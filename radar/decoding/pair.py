@@ -87,7 +87,8 @@ class ModelPair:
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
             )
-            return self.encode(text, special_tokens=False)  # the template already holds BOS
+            bos = self.tokenizer.bos_token
+            return self.encode(text, special_tokens=not (bos and text.startswith(bos)))  # never two BOS
         return self.encode(PLAIN_TEMPLATE.format(question=question))
 
     def decode(self, token_ids: list[int]) -> str:

@@ -18,6 +18,10 @@ DEVICE_HELP = "auto (CUDA if present, else CPU), cpu or cuda[:N]"
 DTYPE_HELP = "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16"
 
 
+# The tree setting that benchmarked best on the demo pair on a 2-core CPU (benchmarks/README.md).
+DEMO_METHODS = "ar,hf,hf-assisted,tree:4"
+
+
 class UserError(Exception):
     """A mistake the user can fix; reported as one line, never as a traceback."""
 
@@ -176,6 +180,156 @@ def bench(
             tree_tokens=tree_tokens,
         )
         run_benchmark(cfg, out, track, title=f"{cfg.prompts}, {len(cfg.methods)} methods, T={temperature}")
+
+
+@app.command("demo-models")
+def demo_models(
+    out: Optional[Path] = typer.Option(None, help="Where to put the pair. Default: ~/.cache/radar/demo (or $RADAR_HOME/demo)."),
+    seed: int = typer.Option(0, help="Training seed: the same seed gives the same weights."),
+    force: bool = typer.Option(False, help="Rebuild even if a complete pair is there."),
+) -> None:
+    """Train the demo tokenizer, target and distilled draft (about 10 minutes on 2 CPU cores)."""
+    from radar.platform.demo_models import DemoConfig, build_demo_pair, ensure_demo_pair
+
+    with user_errors():
+        cfg = DemoConfig(seed=seed)
+        target, draft = build_demo_pair(out, cfg) if force else ensure_demo_pair(cfg, out)
+    Console().print(f"target: {target}\ndraft:  {draft}")
+
+
+@app.command()
+def demo(
+    limit: int = typer.Option(20, help="MT-bench prompts to decode."),
+    max_new_tokens: int = typer.Option(128),
+    methods: str = typer.Option(DEMO_METHODS, help="Methods to compare (see radar bench)."),
+    repeats: int = typer.Option(3),
+    out: Path = typer.Option(Path("runs/demo/bench.json"), help="Where the results JSON goes."),
+    track: bool = typer.Option(True, help="Log the run to MLflow."),
+) -> None:
+    """The demo pipeline: build (or reuse) the demo pair, then benchmark it against Hugging Face on MT-bench."""
+    import time
+
+    from radar.platform.bench import BenchConfig
+
+    t0 = time.perf_counter()
+    with user_errors():
+        cfg = BenchConfig(prompts="mt_bench", limit=limit, max_new_tokens=max_new_tokens, repeats=repeats,
+                          methods=[m.strip() for m in methods.split(",") if m.strip()])
+        run_benchmark(cfg, out, track, title=f"demo pair on MT-bench (first {limit}), {max_new_tokens} new tokens, greedy")
+    err.print(f"demo finished in {time.perf_counter() - t0:.0f}s")
+
+
+# ------------------------------------------------------------------------------------------- the controller
+
+
+@app.command()
+def profile(
+    model: Optional[Path] = typer.Option(None, help="Target checkpoint directory. Default: the demo target."),
+    draft: Optional[Path] = typer.Option(None, help="Draft checkpoint directory. Default: the demo draft."),
+    out: Path = typer.Option(Path("costs.json"), help="Where to write the cost file."),
+    t_max: int = typer.Option(8, help="Draft calls per cycle at most."),
+    k: int = typer.Option(10, help="Tree branching."),
+    tree_tokens: Optional[int] = typer.Option(None, help="Tree nodes verified per cycle (default 60 on GPU, 16 on CPU)."),
+    repeats: int = typer.Option(20),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+) -> None:
+    """Measure the cost constants T_0, T_f, T_eye and the AR step on this hardware; write a cost file."""
+    from radar.controller.profile import profile_costs
+    from radar.decoding.pair import ModelPair
+
+    with user_errors():
+        model, draft = _model_paths(model, draft)
+        pair = ModelPair.load(model, draft, device=device, dtype=dtype)
+        cost = profile_costs(pair, t_max=t_max, k=k, total_tokens=tree_tokens, repeats=repeats, out=out,
+                             target_name=str(model), draft_name=str(draft))
+    Console().print(f"T_0 {cost.T_0 * 1e3:.2f} ms, T_f {cost.T_f * 1e3:.2f} ms, T_eye {cost.T_eye * 1e3:.3f} ms, "
+                    f"AR step {cost.ar_step * 1e3:.2f} ms -> {out}")
+
+
+@app.command()
+def collect(
+    prompts: str = typer.Option(..., help="A jsonl file, or a bundled set: mt_bench, gsm8k, alpaca, mbpp."),
+    out: Path = typer.Option(..., help="Directory for the Parquet shards."),
+    model: Optional[Path] = typer.Option(None, help="Target checkpoint directory. Default: the demo target."),
+    draft: Optional[Path] = typer.Option(None, help="Draft checkpoint directory. Default: the demo draft."),
+    limit: Optional[int] = typer.Option(None, help="Use the first N prompts."),
+    t_max: int = typer.Option(8), k: int = typer.Option(10),
+    tree_tokens: Optional[int] = typer.Option(None, help="Tree nodes verified per cycle (default 60 on GPU, 16 on CPU)."),
+    temperature: float = typer.Option(0.0), max_new_tokens: int = typer.Option(128), seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+) -> None:
+    """Collect acceptance-length records (one per decoding cycle) for controller training, in this process."""
+    from radar.controller.collect import collect_records
+    from radar.controller.dataset import write_records
+    from radar.decoding.pair import ModelPair
+    from radar.platform.prompts import load_prompts
+
+    with user_errors():
+        items = load_prompts(prompts, limit)
+        model, draft = _model_paths(model, draft)
+        pair = ModelPair.load(model, draft, device=device, dtype=dtype)
+        records = collect_records(pair, items, t_max=t_max, k=k, total_tokens=tree_tokens, temperature=temperature,
+                                  max_new_tokens=max_new_tokens, seed=seed, target_name=str(model), draft_name=str(draft))
+        path = write_records(records, out)
+    Console().print(f"{len(records)} records from {len(items)} prompts -> {path}")
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., help="Record file or directory written by radar collect."),
+    out: Path = typer.Option(..., help="Directory for the trained controller."),
+    costs: str = typer.Option("llama3.1-8b", help="Cost file from radar profile, or a preset name."),
+    alpha: float = typer.Option(0.02), gamma: float = typer.Option(0.99), lr: float = typer.Option(1e-4),
+    epochs: int = typer.Option(100), batch_size: int = typer.Option(64),
+    variant: str = typer.Option("improved", help="reinforce (paper-exact) or improved (expected reward + group baseline)."),
+    hidden_size: int = typer.Option(128), dropout: float = typer.Option(0.1), seed: int = typer.Option(0),
+    eval_fraction: float = typer.Option(0.2, help="Share of prompts held out for the per-epoch simulated speedup."),
+) -> None:
+    """Train the RADAR controller with REINFORCE on collected records."""
+    from radar.controller.dataset import read_records, train_test_split
+    from radar.controller.mdp import CostModel
+    from radar.controller.policy import ControllerConfig
+    from radar.controller.train import TrainConfig, train as train_controller
+
+    with user_errors():
+        records = read_records(data)
+        fit, held = train_test_split(records, eval_fraction, seed=seed)
+        cfg = TrainConfig(alpha=alpha, gamma=gamma, lr=lr, epochs=epochs, batch_size=batch_size, variant=variant,
+                          seed=seed, cost=CostModel.resolve(costs))
+        ctrl_cfg = ControllerConfig(input_size=records.k, hidden_size=hidden_size, dropout=dropout)
+        controller, history = train_controller(fit, cfg, ctrl_cfg, eval_records=held if len(held) else None)
+        controller.save(out, meta={"train": cfg.to_dict(), "records": str(data), "history": history.epochs[-1:]})
+    Console().print(f"controller trained on {len(fit)} records -> {out}")
+
+
+@app.command()
+def simulate(
+    data: Path = typer.Option(..., help="Held-out records to evaluate on."),
+    costs: str = typer.Option("llama3.1-8b", help="Cost file from radar profile, or a preset name."),
+    controller: Optional[Path] = typer.Option(None, help="A trained controller directory (or reference .pt file)."),
+    train_data: Optional[Path] = typer.Option(None, help="Records to tune the confidence threshold on."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Save the speedup/depth plot (PNG) here."),
+    out: Optional[Path] = typer.Option(None, help="Write the table as JSON here."),
+) -> None:
+    """Expected speedup of fixed depths, the threshold rule, a controller and the oracles, offline."""
+    from radar.controller.dataset import read_records
+    from radar.controller.mdp import CostModel
+    from radar.controller.policy import load_controller
+    from radar.controller.simulate import plot, simulate as run_simulation
+
+    with user_errors():
+        result = run_simulation(
+            read_records(data), CostModel.resolve(costs),
+            controller=load_controller(controller) if controller else None,
+            train_records=read_records(train_data) if train_data else None,
+        )
+    Console().print(result.table())
+    if plot_path:
+        plot(result, plot_path)
+    if out:
+        out.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -59,7 +59,7 @@ def generate(
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
     max_new_tokens: int = typer.Option(128, help="New tokens at most."),
     seed: int = typer.Option(0, help="Sampling seed."),
-    tree_tokens: Optional[int] = typer.Option(None, help="Tree nodes verified per cycle (default 60 on GPU, 16 on CPU)."),
+    tree_tokens: Optional[int] = typer.Option(None, help="Tree nodes verified per cycle (default 60 on GPU, 12 on CPU)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
@@ -163,7 +163,7 @@ def bench(
     seed: int = typer.Option(0),
     model: Optional[Path] = typer.Option(None, help="Target checkpoint directory. Default: the demo target."),
     draft: Optional[Path] = typer.Option(None, help="Draft checkpoint directory. Default: the demo draft."),
-    tree_tokens: Optional[int] = typer.Option(None, help="Tree nodes verified per cycle (default 60 on GPU, 16 on CPU)."),
+    tree_tokens: Optional[int] = typer.Option(None, help="Tree nodes verified per cycle (default 60 on GPU, 12 on CPU)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
     out: Optional[Path] = typer.Option(None, help="Write the results as JSON here."),
@@ -186,14 +186,13 @@ def bench(
 def demo_models(
     out: Optional[Path] = typer.Option(None, help="Where to put the pair. Default: ~/.cache/radar/demo (or $RADAR_HOME/demo)."),
     seed: int = typer.Option(0, help="Training seed: the same seed gives the same weights."),
-    force: bool = typer.Option(False, help="Rebuild even if a complete pair is there."),
 ) -> None:
-    """Train the demo tokenizer, target and distilled draft (about 10 minutes on 2 CPU cores)."""
-    from radar.platform.demo_models import DemoConfig, build_demo_pair, ensure_demo_pair
+    """Train the demo tokenizer, target and distilled draft (about 10 minutes on 2 CPU cores); a complete pair
+    built with the same settings is reused (delete the directory to rebuild)."""
+    from radar.platform.demo_models import DemoConfig, ensure_demo_pair
 
     with user_errors():
-        cfg = DemoConfig(seed=seed)
-        target, draft = build_demo_pair(out, cfg) if force else ensure_demo_pair(cfg, out)
+        target, draft = ensure_demo_pair(DemoConfig(seed=seed), out)
     Console().print(f"target: {target}\ndraft:  {draft}")
 
 
@@ -229,7 +228,7 @@ def profile(
     out: Path = typer.Option(Path("costs.json"), help="Where to write the cost file."),
     t_max: int = typer.Option(8, help="Draft calls per cycle at most."),
     k: int = typer.Option(10, help="Tree branching."),
-    tree_tokens: Optional[int] = typer.Option(None, help="Tree nodes verified per cycle (default 60 on GPU, 16 on CPU)."),
+    tree_tokens: Optional[int] = typer.Option(None, help="Tree nodes verified per cycle (default 60 on GPU, 12 on CPU)."),
     repeats: int = typer.Option(20),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
@@ -255,7 +254,7 @@ def collect(
     draft: Optional[Path] = typer.Option(None, help="Draft checkpoint directory. Default: the demo draft."),
     limit: Optional[int] = typer.Option(None, help="Use the first N prompts."),
     t_max: int = typer.Option(8), k: int = typer.Option(10),
-    tree_tokens: Optional[int] = typer.Option(None, help="Tree nodes verified per cycle (default 60 on GPU, 16 on CPU)."),
+    tree_tokens: Optional[int] = typer.Option(None, help="Tree nodes verified per cycle (default 60 on GPU, 12 on CPU)."),
     temperature: float = typer.Option(0.0), max_new_tokens: int = typer.Option(128), seed: int = typer.Option(0),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),

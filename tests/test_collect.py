@@ -39,7 +39,7 @@ from radar.controller.policy import frontier_state
 from radar.controller.profile import profile_costs
 from radar.decoding.model import Transformer
 from radar.decoding.pair import ModelPair
-from radar.decoding.tree import FixedDepth
+from radar.decoding.tree import FixedDepth, TreeConfig
 from radar.decoding.verify import Sampling
 from radar.platform.prompts import Prompt
 
@@ -76,7 +76,8 @@ def pair(tiny_pair, tmp_path_factory):
             p.add_(0.1 * p.std() * torch.randn(p.shape, generator=gen))
     draft.save_pretrained(root / "draft")
     add_tokenizer(root / "draft")
-    return ModelPair.load(target_dir, root / "draft", device="cpu")
+    # Live decoding must grow the same tree that collection records (branching K), whatever the device default.
+    return ModelPair.load(target_dir, root / "draft", device="cpu", tree=TreeConfig(branching=K, max_calls=T_MAX, total_tokens=16))
 
 
 def collect(pair, temperature, prompts=PROMPTS, **kw):

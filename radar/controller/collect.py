@@ -40,7 +40,7 @@ from radar.controller.policy import frontier_state
 from radar.decoding.drafters import SmallLMDrafter
 from radar.decoding.generate import _budget, _finish, commit_path, verify_tree
 from radar.decoding.pair import ModelPair
-from radar.decoding.tree import DraftPool, DraftTree, FixedDepth, TreeConfig, draft_pool, select_tree
+from radar.decoding.tree import DraftPool, DraftTree, FixedDepth, TreeConfig, draft_pool, induced_tree, select_tree
 from radar.decoding.verify import Sampling, acceptance_distribution, target_probs, walk
 from radar.platform.prompts import Prompt
 
@@ -81,24 +81,14 @@ def selected_nodes(pool: DraftPool, total_tokens: int) -> torch.Tensor:
     return select_tree(index_pool, total_tokens).tokens
 
 
-def induced_tree(pool: DraftPool, keep: torch.Tensor) -> DraftTree:
-    """The tree of the pool nodes `keep` (sorted, closed under ancestors), e.g. the union of several trees."""
-    remap = torch.full((pool.tokens.numel() + 1,), -1, dtype=torch.long, device=keep.device)
-    remap[keep] = torch.arange(keep.numel(), device=keep.device)
+def checked_induced_tree(pool: DraftPool, keep: torch.Tensor) -> DraftTree:
+    """`induced_tree`, after checking that `keep` (e.g. a union of several trees) is closed under ancestors."""
+    kept = torch.zeros(pool.tokens.numel(), dtype=torch.bool, device=keep.device)
+    kept[keep] = True
     parents = pool.parents[keep]
-    parents = torch.where(parents >= 0, remap[parents.clamp(min=0)], parents)
-    if (parents[pool.parents[keep] >= 0] < 0).any():
+    if not kept[parents[parents >= 0]].all():
         raise ValueError("the node set is not closed under ancestors")
-    return DraftTree(
-        tokens=pool.tokens[keep],
-        parents=parents,
-        depths=pool.depths[keep],
-        scores=pool.scores[keep],
-        ancestors=pool.ancestors[keep][:, keep],
-        draft_slots=pool.draft_slots[keep].tolist(),
-        draft_base=pool.draft_base,
-        draft_calls=pool.draft_calls,
-    )
+    return induced_tree(pool, keep)
 
 
 def cycle_distributions(
@@ -181,7 +171,7 @@ def collect_prompt(
         where[union] = torch.arange(union.numel(), device=union.device)
         nodes = [where[keep] for keep in keeps]  # tree i's nodes as union indices
 
-        union_tree = induced_tree(pool, union)
+        union_tree = checked_induced_tree(pool, union)
         logits, base = verify_tree(target, cache, target_pending, union_tree, root_pos)
         dists = cycle_distributions(union_tree, trees, nodes, logits, sampling, t_max)
         states = torch.stack([frontier_state(pool.scores[pool.depths == i], k) for i in range(1, t_max + 1)])
@@ -254,4 +244,4 @@ def collect_records(
 
 
 __all__ = ["collect_records", "collect_prompt", "prompt_seed", "model_names", "pool_prefix", "selected_nodes",
-           "induced_tree"]
+           "checked_induced_tree"]

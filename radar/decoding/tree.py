@@ -155,7 +155,11 @@ def draft_pool(
 def select_tree(pool: DraftPool, total_tokens: int) -> DraftTree:
     """Rerank the pool by cumulative log-prob and keep the best `total_tokens` nodes as the tree to verify."""
     order = torch.sort(pool.scores, descending=True, stable=True).indices[:total_tokens]
-    keep = order.sort().values  # pool order is parent-before-child, so keep it
+    return induced_tree(pool, order.sort().values)  # pool order is parent-before-child, so keep it
+
+
+def induced_tree(pool: DraftPool, keep: torch.Tensor) -> DraftTree:
+    """The tree of the pool nodes `keep` (sorted, closed under ancestors), re-indexed from 0."""
     remap = torch.full((pool.tokens.numel() + 1,), -1, dtype=torch.long, device=keep.device)
     remap[keep] = torch.arange(keep.numel(), device=keep.device)
     parents = pool.parents[keep]

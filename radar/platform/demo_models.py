@@ -1,16 +1,27 @@
 """The demo model pair: a small Llama target and a 1-layer draft, trained from scratch on this machine.
 
 Nothing is downloaded. The corpus is text every Python installation carries: the standard library's sources, the
-English docstrings in them and `pydoc_data`'s help topics, partly rewritten into chat-style question/answer pairs
-(plus templated arithmetic word problems) so the models answer a `Question: ...\\nAnswer:` prompt (`ModelPair.chat_ids`) with something
-English-ish. Steps, read top to bottom:
+English docstrings in them and `pydoc_data`'s help topics, partly rewritten into question/answer pairs in the
+plain prompt template (`Question: ...\nAnswer:`, what `ModelPair.chat_ids` sends), plus templated arithmetic
+word problems, so that the target answers benchmark-style questions with something English-ish. Steps:
 
-  corpus -> byte-level BPE tokenizer -> target (next-token cross-entropy) -> draft (distilled: KL(target || draft),
-  on corpus text and on the target's own continuations of chat prompts) -> both saved in Hugging Face format.
+  corpus -> byte-level BPE tokenizer -> target (next-token cross-entropy, AdamW, cosine schedule)
+  -> draft (copy of the target's embeddings, first layer and head, distilled with KL(target || draft) on corpus
+  windows and on the target's own greedy and sampled continuations of prompts) -> both in Hugging Face format.
 
 Everything is seeded, so a build is reproducible on one machine (same torch version and thread count).
 `ensure_demo_pair()` builds into a temporary directory and renames it into place, so an interrupted build never
-leaves half a pair behind. The default configuration takes about 10 minutes on 2 CPU cores.
+leaves half a pair behind.
+
+Why the defaults look the way they do (measured on a shared 2-core CPU, see `DemoConfig`):
+- One intra-op thread. With two, OpenMP waits on a second core that other work keeps taking: in a 90 s probe a
+  2-thread matmul ran at 15-20 GFLOPS (against 80 single-threaded) about 40% of the time, so two threads made
+  the build slower on average and its length unpredictable.
+- A narrow target (hidden 128, 8 layers, 2.6M parameters). Training is what the ~10-minute budget limits (about
+  1.7 s per 4096-token step), while a decode step costs mostly a fixed amount per layer, not per parameter:
+  hidden 128 costs 5.5 ms per token against ~9-16 ms for hidden 256 at about half the training cost per token.
+- A sharpened target (`logit_scale`) so that temperature-1 decoding is not word salad and speculation has
+  something to accept at temperature 1 as well as at temperature 0.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import sysconfig
 import tempfile
 import textwrap
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,7 +71,7 @@ class DemoConfig:
 
     seed: int = 0
     prompt_template: str = PLAIN_TEMPLATE  # how chat-style documents are laid out (what `ModelPair.chat_ids` sends)
-    threads: int = 1  # torch intra-op threads during the build (0: leave torch's setting alone); see below
+    threads: int = 1  # torch intra-op threads during the build (0: leave torch's setting); see the module doc
     # corpus
     max_corpus_chars: int = 5_000_000
     # Shares of the corpus: raw source files, "write code" question/answer pairs, and English-answer pairs
@@ -89,11 +101,11 @@ class DemoConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     # The saved target's lm_head is the trained one times this, so sampling it at temperature 1 samples the trained
-    # model at temperature 1 / logit_scale. A model this small is far less sure of itself than a real chat model
-    # (about 4.8 nats per token on its own temperature-1 answers, against 1-2 for a chat LLM): unscaled, its
-    # temperature-1 text is word salad and the verifier (which accepts a drafted token with the target's
-    # probability of it) accepts almost nothing. Greedy decoding is unaffected.
-    logit_scale: float = 2.0
+    # model at temperature 1 / logit_scale. A model this small is far less sure of itself than a chat LLM (about
+    # 4.8 nats per token on its own temperature-1 answers; about 0.9 at scale 3): unscaled, its temperature-1
+    # text is word salad, and the verifier, which accepts a drafted token with the target's probability of it,
+    # accepts almost nothing (tau 1.2 at depth 4). Greedy decoding is unaffected.
+    logit_scale: float = 3.0
     # draft distillation
     draft_steps: int = 100
     draft_lr: float = 2e-3
@@ -146,7 +158,7 @@ class DemoConfig:
 def _stdlib_files() -> list[Path]:
     """The standard library's .py files, sorted, without tests, third-party packages or generated tables."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip_dirs = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings", "pydoc_data"}
+    skip_dirs = {"site-packages", "dist-packages", "idle_test", "__pycache__", "encodings", "pydoc_data"}
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs and not d.startswith("test"))
@@ -211,14 +223,14 @@ def _file_documents(source: str, module: str, cfg: DemoConfig, rng: random.Rando
     if mod_doc and 80 <= len(mod_doc) <= cfg.max_answer_chars:
         english.append(_qa(cfg, f"What is the Python `{module}` module for?", inspect.cleandoc(mod_doc)))
     lines = source.splitlines()
-    stack = [(node, "") for node in tree.body]
-    while stack:
-        node, prefix = stack.pop(0)
+    queue = deque((node, "") for node in tree.body)
+    while queue:
+        node, prefix = queue.popleft()
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             continue
         qual = prefix + node.name
         if isinstance(node, ast.ClassDef):
-            stack += [(child, qual + ".") for child in node.body]
+            queue.extend((child, qual + ".") for child in node.body)
         doc = ast.get_docstring(node)
         if node.name.startswith("_") or not doc:
             continue
@@ -276,17 +288,21 @@ def _math_documents(cfg: DemoConfig, rng: random.Random) -> list[str]:
         kind = rng.randrange(4)
         if kind == 0:
             g = rng.randint(1, a + b - 1)
-            q = f"{name} has {a} {item}. {name} buys {b} more and then gives {g} to a friend. How many {item} does {name} have now?"
+            q = (f"{name} has {a} {item}. {name} buys {b} more and then gives {g} to a friend. "
+                 f"How many {item} does {name} have now?")
             ans = (f"{name} starts with {a} {item}. After buying {b} more, {name} has {a} + {b} = {a + b} {item}. "
                    f"After giving away {g}, {name} has {a + b} - {g} = {a + b - g} {item}. The answer is {a + b - g}.")
         elif kind == 1:
             q = f"Each box holds {c} {item}. {name} has {b} boxes. How many {item} are there in total?"
-            ans = f"There are {b} boxes with {c} {item} each, so there are {b} * {c} = {b * c} {item}. The answer is {b * c}."
+            ans = (f"There are {b} boxes with {c} {item} each, so there are {b} * {c} = {b * c} {item}. "
+                   f"The answer is {b * c}.")
         elif kind == 2:
             q = f"{name} shares {b * c} {item} equally among {c} friends. How many {item} does each friend get?"
-            ans = f"{name} has {b * c} {item} for {c} friends, so each friend gets {b * c} / {c} = {b} {item}. The answer is {b}."
+            ans = (f"{name} has {b * c} {item} for {c} friends, so each friend gets {b * c} / {c} = {b} {item}. "
+                   f"The answer is {b}.")
         else:
-            q = f"A ticket costs ${c}. {name} buys {b} tickets and pays with ${b * c + a}. How much change does {name} get?"
+            q = (f"A ticket costs ${c}. {name} buys {b} tickets and pays with ${b * c + a}. "
+                 f"How much change does {name} get?")
             ans = (f"{b} tickets cost {b} * {c} = ${b * c}. {name} pays ${b * c + a}, so the change is "
                    f"{b * c + a} - {b * c} = ${a}. The answer is {a}.")
         docs.append(_qa(cfg, q, ans))
@@ -354,7 +370,9 @@ def train_tokenizer(docs: list[str], cfg: DemoConfig):
     )
     tok.train_from_iterator(docs, trainer=trainer, length=len(docs))
     bos = tok.token_to_id(BOS)
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos)])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos)]
+    )
     return tok
 
 
@@ -423,7 +441,9 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
 
 
-def train_target(model: Transformer, stream: torch.Tensor, cfg: DemoConfig, gen: torch.Generator, progress: bool) -> float:
+def train_target(
+    model: Transformer, stream: torch.Tensor, cfg: DemoConfig, gen: torch.Generator, progress: bool
+) -> float:
     """Next-token cross-entropy with AdamW and a cosine schedule; returns the mean loss of the last 10% of steps."""
     opt = _optimizer(model, cfg.target_lr, cfg.weight_decay)
     losses = []
@@ -494,7 +514,9 @@ def _chat_prompt_ends(stream: torch.Tensor, tok, cfg: DemoConfig, min_start: int
     return hits[hits >= min_start]
 
 
-def onpolicy_pool(target: Transformer, stream: torch.Tensor, tok, cfg: DemoConfig, gen: torch.Generator, progress: bool) -> torch.Tensor:
+def onpolicy_pool(
+    target: Transformer, stream: torch.Tensor, tok, cfg: DemoConfig, gen: torch.Generator, progress: bool
+) -> torch.Tensor:
     """The target's own continuations of chat prompts, (rows, seq_len): prompts are the `onpolicy_prompt_tokens`
     corpus tokens ending at a template's `Answer:`; a share of rows is continued greedily, the rest sampled at
     temperature 1. Generated in large batches up front, where a KV-cached step costs little more than at batch 1."""
@@ -516,7 +538,13 @@ def onpolicy_pool(target: Transformer, stream: torch.Tensor, tok, cfg: DemoConfi
 
 
 def distill_draft(
-    draft: Transformer, target: Transformer, stream: torch.Tensor, pool: torch.Tensor, cfg: DemoConfig, gen: torch.Generator, progress: bool
+    draft: Transformer,
+    target: Transformer,
+    stream: torch.Tensor,
+    pool: torch.Tensor,
+    cfg: DemoConfig,
+    gen: torch.Generator,
+    progress: bool,
 ) -> float:
     """Minimise KL(target || draft) on batches of corpus windows plus rows of the target's own continuations
     (`pool`, see `onpolicy_pool`); returns the mean KL of the last 10% of steps."""
@@ -639,7 +667,9 @@ def _build(out_dir: Path, cfg: DemoConfig, progress: bool) -> tuple[Path, Path]:
     bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
     times["tokenizer_s"] = time.perf_counter() - t
     if len(train_ids) <= cfg.seq_len + 1 or len(held_ids) < 16:
-        raise ValueError(f"corpus too small ({len(train_ids)} training tokens) for seq_len {cfg.seq_len}: raise max_corpus_chars")
+        raise ValueError(
+            f"corpus too small ({len(train_ids)} training tokens) for seq_len {cfg.seq_len}: raise max_corpus_chars"
+        )
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -684,7 +714,10 @@ def _build(out_dir: Path, cfg: DemoConfig, progress: bool) -> tuple[Path, Path]:
             "sha256": hashlib.sha256("\x00".join(train_docs).encode()).hexdigest(),
         },
         "params": {"target": _n_params(target), "draft": _n_params(draft)},
-        "tokens_seen": {"target": cfg.target_steps * cfg.batch_size * cfg.seq_len, "draft": cfg.draft_steps * cfg.batch_size * cfg.seq_len},
+        "tokens_seen": {
+            "target": cfg.target_steps * cfg.batch_size * cfg.seq_len,
+            "draft": cfg.draft_steps * cfg.batch_size * cfg.seq_len,
+        },
         "final_losses": losses,
         "metrics": metrics,
         "times": times,
@@ -715,7 +748,9 @@ def _is_complete(path: Path, cfg: DemoConfig) -> bool:
     return all((path / sub / f).is_file() for sub in ("target", "draft") for f in MODEL_FILES)
 
 
-def ensure_demo_pair(cfg: DemoConfig | None = None, out_dir: str | Path | None = None, progress: bool = True) -> tuple[Path, Path]:
+def ensure_demo_pair(
+    cfg: DemoConfig | None = None, out_dir: str | Path | None = None, progress: bool = True
+) -> tuple[Path, Path]:
     """(target_dir, draft_dir) of the demo pair in `out_dir` (default: `default_demo_dir()`), built first when it
     is missing, incomplete or was built with another config. The build goes to a temporary sibling directory that
     is renamed into place only when complete."""

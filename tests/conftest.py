@@ -30,3 +30,21 @@ def tiny_pair(tmp_path_factory):
     model.save_pretrained(draft)
     add_tokenizer(draft)
     return target, draft
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (2-core machines: 4 logical CPUs, fractional actors)."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+    )
+    yield ray
+    ray.shutdown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -53,6 +54,9 @@ class ModelPair:
     draft: Transformer | None
     tokenizer: object  # a transformers PreTrainedTokenizerFast
     tree: TreeConfig
+    # Builds a fresh stop policy for method `radar` from a request's seed (a new one per request, so no LSTM or
+    # random state is shared between requests). Set by whoever loads a controller; decoding does not know one.
+    stop_policy: Callable[[int], StopPolicy] | None = None
 
     @classmethod
     def load(
@@ -105,14 +109,18 @@ class ModelPair:
         seed: int = 0,
         policy: StopPolicy | None = None,
     ) -> GenerationResult:
-        """Decode with `ar`, `chain:D` or `tree:D`; `policy` overrides the fixed depth (e.g. a controller)."""
+        """Decode with `ar`, `chain:D`, `tree:D` or `radar`; `policy` overrides the method's stop rule."""
         method = Method.parse(method) if isinstance(method, str) else method
         generator = torch.Generator(self.target.device).manual_seed(seed)
         if method.kind == "ar":
             return generate_ar(self.target, prompt_ids, sampling, max_new_tokens, generator)
         if self.draft is None:
             raise ValueError(f"method {method} needs a draft model (--draft PATH)")
-        if method.kind == "chain":
+        if method.kind == "radar":
+            if policy is None and self.stop_policy is None:
+                raise ValueError("method radar needs a controller (--controller PATH)")
+            cfg, policy = self.tree, policy or self.stop_policy(seed)
+        elif method.kind == "chain":
             cfg = TreeConfig(branching=1, max_calls=method.depth, total_tokens=method.depth)
         else:
             cfg = replace(self.tree, max_calls=method.depth)

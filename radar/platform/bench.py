@@ -37,6 +37,7 @@ class BenchConfig:
     device: str = "auto"
     dtype: str = "auto"
     tree_tokens: int | None = None
+    controller: str | None = None  # for method radar; None: the bundled demo controller
 
     def __post_init__(self) -> None:
         for m in self.methods:

@@ -16,6 +16,8 @@ err = Console(stderr=True)
 
 DEVICE_HELP = "auto (CUDA if present, else CPU), cpu or cuda[:N]"
 DTYPE_HELP = "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16"
+CONTROLLER_HELP = ("Controller for method radar: a directory from radar train, a reference .pt file or "
+                   "models:/radar-controller@champion. Default: the controller trained for the demo pair.")
 
 
 # The tree setting that benchmarked best on the demo pair on a 2-core CPU (benchmarks/README.md).
@@ -54,7 +56,8 @@ def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
     model: Optional[Path] = typer.Option(None, help="Target checkpoint directory (HF format). Default: the demo target."),
     draft: Optional[Path] = typer.Option(None, help="Draft checkpoint directory sharing the target's tokenizer."),
-    method: str = typer.Option("tree:4", help="ar, chain:D or tree:D (D = draft calls per cycle)."),
+    method: str = typer.Option("tree:4", help="ar, radar, chain:D or tree:D (D = draft calls per cycle)."),
+    controller: Optional[str] = typer.Option(None, help=CONTROLLER_HELP),
     temperature: float = typer.Option(0.0, help="0 for greedy."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
     max_new_tokens: int = typer.Option(128, help="New tokens at most."),
@@ -70,6 +73,7 @@ def generate(
     from radar.decoding.generate import Method
     from radar.decoding.pair import ModelPair
     from radar.decoding.verify import Sampling
+    from radar.platform.models import attach_controller
 
     with user_errors():
         parsed = Method.parse(method)
@@ -82,6 +86,8 @@ def generate(
         if parsed.kind != "ar" and draft is None:
             raise UserError(f"--method {method} needs --draft PATH (or use --method ar)")
         pair = ModelPair.load(model, draft, device=device, dtype=dtype)
+        if parsed.kind == "radar":
+            attach_controller(pair, controller)
         if tree_tokens is not None:
             pair.tree = replace(pair.tree, total_tokens=tree_tokens)
         ids = pair.encode(prompt)
@@ -130,6 +136,10 @@ def run_benchmark(cfg, out: Optional[Path], track: bool, title: str) -> dict:
     model, draft = _model_paths(Path(cfg.model) if cfg.model else None, Path(cfg.draft) if cfg.draft else None)
     cfg.model, cfg.draft = str(model), str(draft) if draft else None
     pair = ModelPair.load(model, draft, device=cfg.device, dtype=cfg.dtype)
+    if "radar" in cfg.methods:
+        from radar.platform.models import attach_controller
+
+        attach_controller(pair, cfg.controller)
     if cfg.tree_tokens is not None:
         pair.tree = replace(pair.tree, total_tokens=cfg.tree_tokens)
     hf = HFRunner(cfg.model, cfg.draft, pair.target.device, pair.target.dtype) if set(cfg.methods) & set(HF_METHODS) else None
@@ -158,7 +168,8 @@ def bench(
     max_new_tokens: int = typer.Option(128, help="New tokens per prompt at most."),
     temperature: float = typer.Option(0.0, help="0 for greedy."),
     top_p: float = typer.Option(1.0),
-    methods: str = typer.Option("ar,hf,hf-assisted,chain:4,tree:4", help="Comma-separated: ar, hf, hf-assisted, chain:D, tree:D."),
+    methods: str = typer.Option("ar,hf,hf-assisted,chain:4,tree:4", help="Comma-separated: ar, hf, hf-assisted, radar, chain:D, tree:D."),
+    controller: Optional[str] = typer.Option(None, help=CONTROLLER_HELP),
     repeats: int = typer.Option(3, help="Timed repeats per method; the median is kept."),
     seed: int = typer.Option(0),
     model: Optional[Path] = typer.Option(None, help="Target checkpoint directory. Default: the demo target."),
@@ -177,7 +188,7 @@ def bench(
             prompts=prompts, limit=limit, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             methods=[m.strip() for m in methods.split(",") if m.strip()], repeats=repeats, seed=seed,
             model=str(model) if model else None, draft=str(draft) if draft else None, device=device, dtype=dtype,
-            tree_tokens=tree_tokens,
+            tree_tokens=tree_tokens, controller=controller,
         )
         run_benchmark(cfg, out, track, title=f"{cfg.prompts}, {len(cfg.methods)} methods, T={temperature}")
 
@@ -249,7 +260,7 @@ def profile(
 @app.command()
 def collect(
     prompts: str = typer.Option(..., help="A jsonl file, or a bundled set: mt_bench, gsm8k, alpaca, mbpp."),
-    out: Path = typer.Option(..., help="Directory for the Parquet shards."),
+    out: Path = typer.Option(..., help="Directory for the Parquet shards and their manifest (a rerun resumes it)."),
     model: Optional[Path] = typer.Option(None, help="Target checkpoint directory. Default: the demo target."),
     draft: Optional[Path] = typer.Option(None, help="Draft checkpoint directory. Default: the demo draft."),
     limit: Optional[int] = typer.Option(None, help="Use the first N prompts."),
@@ -258,21 +269,42 @@ def collect(
     temperature: float = typer.Option(0.0), max_new_tokens: int = typer.Option(128), seed: int = typer.Option(0),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    workers: Optional[int] = typer.Option(None, help="Ray actors, each with one target+draft pair (one GPU each on a "
+                                          "GPU cluster). Default: this process alone, or one per GPU on a cluster."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (host:6379 or ray://host:10001). Default: "
+                                          "$RAY_ADDRESS (set by `ray job submit`), else a local Ray for --workers."),
+    shard_size: int = typer.Option(8, help="Prompts per shard (the unit of work, of resume and of one file)."),
 ) -> None:
-    """Collect acceptance-length records (one per decoding cycle) for controller training, in this process."""
-    from radar.controller.collect import collect_records
-    from radar.controller.dataset import write_records
-    from radar.decoding.pair import ModelPair
+    """Collect acceptance-length records (one per decoding cycle) for controller training, in fixed prompt shards;
+    a rerun into the same --out skips the finished shards."""
+    import os
+
+    from radar.actors.collect import CollectConfig, CollectError, collect_dataset, connect
     from radar.platform.prompts import load_prompts
 
     with user_errors():
         items = load_prompts(prompts, limit)
         model, draft = _model_paths(model, draft)
-        pair = ModelPair.load(model, draft, device=device, dtype=dtype)
-        records = collect_records(pair, items, t_max=t_max, k=k, total_tokens=tree_tokens, temperature=temperature,
-                                  max_new_tokens=max_new_tokens, seed=seed, target_name=str(model), draft_name=str(draft))
-        path = write_records(records, out)
-    Console().print(f"{len(records)} records from {len(items)} prompts -> {path}")
+        if draft is None:
+            raise UserError("collecting records needs a draft model (--draft PATH)")
+        config = CollectConfig(model=str(model), draft=str(draft), prompts=prompts, t_max=t_max, k=k,
+                               total_tokens=tree_tokens, temperature=temperature, max_new_tokens=max_new_tokens,
+                               seed=seed, device=device, dtype=dtype, shard_size=shard_size)
+        config.check()
+        use_ray = workers is not None or address is not None or bool(os.environ.get("RAY_ADDRESS"))
+        started = connect(address) if use_ray else False
+        try:
+            summary = collect_dataset(items, out, config, workers=workers, local=not use_ray)
+        except CollectError as exc:
+            raise UserError(str(exc)) from None
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+    done = f"{summary.shards_run} shard(s) collected" + (f", {summary.shards_skipped} already done"
+                                                       if summary.shards_skipped else "")
+    Console().print(f"{summary.records} records from {len(items)} prompts ({done}) -> {out}")
 
 
 @app.command()
@@ -329,6 +361,12 @@ def simulate(
         plot(result, plot_path)
     if out:
         out.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+
+
+# ------------------------------------------------------------------ the platform: tuning and the model registry
+
+
+# --------------------------------------------------------------------------------------------------- serving
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -1,0 +1,64 @@
+"""Where the platform's models come from: checkpoint paths (the demo pair by default) and the RADAR controller
+(a directory, a reference .pt file, an MLflow `models:/` URI, or the controller bundled for the demo pair)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from radar.decoding.pair import ModelPair
+
+# Trained on the demo pair's collected records (see benchmarks/README.md); used when no --controller is given.
+BUNDLED_CONTROLLER = Path(__file__).resolve().parent.parent / "data" / "demo-controller"
+
+
+def model_paths(model: str | Path | None, draft: str | Path | None) -> tuple[Path, Path | None]:
+    """The target and draft directories: as given, or the demo pair (built on first use) when no model is given."""
+    if model is None:
+        from radar.platform.demo_models import ensure_demo_pair
+
+        if draft is not None:
+            raise ValueError("--draft given without --model: name the target too")
+        return ensure_demo_pair()
+    return Path(model), Path(draft) if draft else None
+
+
+def controller_path(spec: str | Path | None) -> Path:
+    """A local controller path for `spec`: a path, a `models:/name@alias` registry URI, or None for the bundled one."""
+    if spec is None:
+        if not (BUNDLED_CONTROLLER / "config.json").is_file():
+            raise FileNotFoundError(f"no bundled demo controller at {BUNDLED_CONTROLLER}: pass --controller PATH")
+        return BUNDLED_CONTROLLER
+    text = str(spec)
+    if text.startswith("models:/"):
+        from radar.platform.tracking import download_controller
+
+        return download_controller(text)
+    path = Path(text)
+    if not path.exists():
+        raise FileNotFoundError(f"--controller {text}: no such file or directory")
+    return path
+
+
+def attach_controller(pair: ModelPair, spec: str | Path | None = None, greedy: bool = True) -> ModelPair:
+    """Give `pair` a RADAR stop policy from the controller at `spec` (see `controller_path`); returns `pair`."""
+    from radar.controller.policy import ControllerPolicy, load_controller
+
+    controller = load_controller(controller_path(spec), map_location=pair.target.device)
+    pair.stop_policy = lambda seed: ControllerPolicy(controller, greedy=greedy, seed=seed)
+    return pair
+
+
+def load_decoder(
+    model: str | Path | None = None,
+    draft: str | Path | None = None,
+    controller: str | Path | None = None,
+    with_controller: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> ModelPair:
+    """Target + draft (+ controller when `controller` is given or `with_controller`), ready for any method."""
+    target_dir, draft_dir = model_paths(model, draft)
+    pair = ModelPair.load(target_dir, draft_dir, device=device, dtype=dtype)
+    if controller is not None or with_controller:
+        attach_controller(pair, controller)
+    return pair

@@ -1,0 +1,86 @@
+"""Method `radar`: the learned stop policy drives the dynamic tree and decoding stays lossless."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from radar.controller.policy import ControllerConfig, LSTMController
+from radar.decoding.generate import Method
+from radar.decoding.pair import ModelPair
+from radar.decoding.verify import Sampling
+from radar.platform.cli import app
+from radar.platform.models import attach_controller
+from tiny_models import random_ids
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def mixed_controller(tmp_path_factory):
+    """A controller that continues with probability 1/2 at every decision, so sampled depths vary from cycle to
+    cycle (a stronger losslessness check than any fixed depth)."""
+    torch.manual_seed(3)
+    controller = LSTMController(ControllerConfig(input_size=2, hidden_size=16, mlp_hidden=16))
+    with torch.no_grad():
+        controller.mlp[3].weight.zero_()
+        controller.mlp[3].bias.zero_()
+    path = tmp_path_factory.mktemp("ctrl") / "controller"
+    controller.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def radar_pair(tiny_pair, mixed_controller):
+    target, draft = tiny_pair
+    pair = ModelPair.load(target, draft, device="cpu", dtype="float32")
+    return attach_controller(pair, mixed_controller, greedy=False)
+
+
+def test_method_parse_accepts_radar():
+    assert Method.parse("radar") == Method("radar") and str(Method.parse(" radar ")) == "radar"
+
+
+@pytest.mark.parametrize("prompt_len", [3, 17])
+def test_greedy_radar_equals_ar_token_for_token(radar_pair, prompt_len):
+    ids = random_ids(prompt_len, radar_pair.target.config.vocab_size, seed=prompt_len)[0].tolist()
+    ar = radar_pair.generate(ids, "ar", Sampling(0.0), max_new_tokens=48)
+    radar = radar_pair.generate(ids, "radar", Sampling(0.0), max_new_tokens=48)
+    assert radar.token_ids == ar.token_ids
+    assert len(set(radar.stats.draft_calls_per_cycle)) > 1, "the controller should pick different depths"
+    assert max(radar.stats.draft_calls_per_cycle) <= radar_pair.tree.max_calls
+
+
+def test_sampled_radar_is_reproducible_per_seed(radar_pair):
+    ids = random_ids(9, radar_pair.target.config.vocab_size, seed=1)[0].tolist()
+    a = radar_pair.generate(ids, "radar", Sampling(1.0), max_new_tokens=24, seed=5)
+    b = radar_pair.generate(ids, "radar", Sampling(1.0), max_new_tokens=24, seed=5)
+    assert a.token_ids == b.token_ids
+
+
+def test_radar_without_a_controller_is_a_clear_error(tiny_pair):
+    pair = ModelPair.load(*tiny_pair, device="cpu", dtype="float32")
+    with pytest.raises(ValueError, match="needs a controller"):
+        pair.generate([1, 5, 6], "radar", max_new_tokens=4)
+
+
+def test_cli_generate_radar_matches_ar(tiny_pair, mixed_controller):
+    target, draft = tiny_pair
+    common = ["generate", "--model", str(target), "--draft", str(draft), "--prompt", "def add(a, b):",
+              "--max-new-tokens", "20", "--json"]
+    radar = runner.invoke(app, [*common, "--method", "radar", "--controller", str(mixed_controller)])
+    ar = runner.invoke(app, [*common, "--method", "ar"])
+    assert radar.exit_code == 0, radar.output
+    assert json.loads(radar.stdout)["token_ids"] == json.loads(ar.stdout)["token_ids"]
+    assert json.loads(radar.stdout)["method"] == "radar"
+
+
+def test_cli_missing_controller_is_a_one_line_error(tiny_pair, tmp_path):
+    target, draft = tiny_pair
+    result = runner.invoke(app, ["generate", "--model", str(target), "--draft", str(draft), "--prompt", "x",
+                                 "--method", "radar", "--controller", str(tmp_path / "nope")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().startswith("error:") and "no such file" in result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -261,3 +262,22 @@ def test_controller_policy_decisions_match_its_view_of_the_pool(tiny_drafter):
         cont = (logits[:, 1] > logits[:, 0]).tolist()
         expected = cont.index(False) + 1 if False in cont else 6
         assert pool.draft_calls == expected
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_numpy_step_matches_the_torch_step_over_a_cycle(layers):
+    from radar.controller.policy import NumpyStep
+
+    torch.manual_seed(layers)
+    controller = LSTMController(ControllerConfig(input_size=4, hidden_size=24, mlp_hidden=12, num_layers=layers)).eval()
+    fast = NumpyStep(controller)
+    hc_t, hc_n = None, None
+    for step in range(6):
+        scores = torch.randn(3 + step) * 3 - 4
+        scores[0] = float("-inf")
+        with torch.no_grad():
+            logits_t, hc_t = controller.step(frontier_state(scores, 4), hc_t)
+        state = fast.state(scores)
+        assert np.allclose(state, frontier_state(scores, 4).numpy())
+        logits_n, hc_n = fast.step(state, hc_n)
+        assert np.allclose(logits_n, logits_t.numpy(), atol=1e-5)

@@ -23,6 +23,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -252,6 +253,50 @@ def load_controller(path: str | Path, map_location: str | torch.device = "cpu") 
     return LSTMController.load_reference(p, map_location=map_location)
 
 
+class NumpyStep:
+    """`LSTMController.step` in NumPy for CPU inference. A decision is ~15 operations on vectors of a few hundred
+    floats, so per-operation dispatch is the whole cost: NumPy's is several times lower than PyTorch's, and T_eye is
+    paid before every draft call. Weights are read from the controller when this is built (zero-copy where possible).
+    """
+
+    def __init__(self, controller: LSTMController):
+        lstm, cfg = controller.lstm, controller.config
+        with torch.no_grad():
+            self.layers = [
+                (torch.cat((getattr(lstm, f"weight_ih_l{i}"), getattr(lstm, f"weight_hh_l{i}")), 1).float().numpy(),
+                 (getattr(lstm, f"bias_ih_l{i}") + getattr(lstm, f"bias_hh_l{i}")).float().numpy())
+                for i in range(cfg.num_layers)
+            ]
+            first, last = controller.mlp[0], controller.mlp[3]
+            self.head = [t.detach().float().numpy() for t in (first.weight, first.bias, last.weight, last.bias)]
+        self.k, self.hidden = cfg.input_size, cfg.hidden_size
+
+    def state(self, frontier_scores: torch.Tensor) -> np.ndarray:
+        """`frontier_state` in NumPy (same padding, clamping and order)."""
+        s = frontier_scores.detach().float().numpy().ravel()
+        s = np.maximum(np.nan_to_num(s, nan=PAD_LOGPROB, neginf=PAD_LOGPROB), PAD_LOGPROB)
+        s = -np.sort(-s)[: self.k]
+        if s.size < self.k:
+            s = np.concatenate((s, np.full(self.k - s.size, PAD_LOGPROB, np.float32)))
+        return s
+
+    def step(self, x: np.ndarray, hc: list[tuple[np.ndarray, np.ndarray]] | None):
+        """(logits (2,), new per-layer (h, c)) for state x; hc None starts a cycle."""
+        h_dim = self.hidden
+        if hc is None:
+            hc = [(np.zeros(h_dim, np.float32), np.zeros(h_dim, np.float32))] * len(self.layers)
+        out, inp = [], x
+        for (w, b), (h, c) in zip(self.layers, hc):
+            gates = w @ np.concatenate((inp, h)) + b
+            sig = 1.0 / (1.0 + np.exp(-gates))  # gate order input, forget, cell, output; tanh(cell) below
+            c = sig[h_dim : 2 * h_dim] * c + sig[:h_dim] * np.tanh(gates[2 * h_dim : 3 * h_dim])
+            inp = sig[3 * h_dim :] * np.tanh(c)
+            out.append((inp, c))
+        w1, b1, w2, b2 = self.head
+        z = np.maximum(w1 @ np.concatenate((inp, x)) + b1, 0.0)
+        return w2 @ z + b2, out
+
+
 class ControllerPolicy:
     """`StopPolicy` backed by an `LSTMController`: one LSTM step per decision, LSTM state reset every cycle.
 
@@ -265,7 +310,8 @@ class ControllerPolicy:
         self.greedy = greedy
         self.device = next(controller.parameters()).device
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
-        self.hc: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.fast = NumpyStep(controller) if self.device.type == "cpu" else None
+        self.hc = None
         self.decisions = self.continues = self.cycles = 0
 
     def reset(self) -> None:
@@ -276,12 +322,17 @@ class ControllerPolicy:
     def decide(self, calls: int, frontier_scores: torch.Tensor) -> bool:
         if calls <= 1:  # a cycle's first decision: never carry LSTM state over from the previous cycle
             self.hc = None
-        state = frontier_state(frontier_scores, self.controller.k).to(self.device)
-        logits, self.hc = self.controller.step(state, self.hc)
-        if self.greedy:
-            cont = bool(logits[CONTINUE] > logits[STOP])
+        if self.fast is not None and frontier_scores.device.type == "cpu":
+            logits, self.hc = self.fast.step(self.fast.state(frontier_scores), self.hc)
+            stop, cont_logit = float(logits[STOP]), float(logits[CONTINUE])
         else:
-            p_cont = float(torch.softmax(logits.float(), -1)[CONTINUE])
+            state = frontier_state(frontier_scores, self.controller.k).to(self.device)
+            logits, self.hc = self.controller.step(state, self.hc)
+            stop, cont_logit = logits.float().tolist()[STOP], logits.float().tolist()[CONTINUE]
+        if self.greedy:
+            cont = cont_logit > stop
+        else:
+            p_cont = 1.0 / (1.0 + math.exp(stop - cont_logit))  # softmax over (stop, continue)
             cont = float(torch.rand((), generator=self.generator)) < p_cont
         self.decisions += 1
         self.continues += cont

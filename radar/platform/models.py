@@ -25,7 +25,7 @@ def model_paths(model: str | Path | None, draft: str | Path | None) -> tuple[Pat
 def controller_path(spec: str | Path | None) -> Path:
     """A local controller path for `spec`: a path, a `models:/name@alias` registry URI, or None for the bundled one."""
     if spec is None:
-        if not (BUNDLED_CONTROLLER / "config.json").is_file():
+        if not (BUNDLED_CONTROLLER / "controller.json").is_file():
             raise FileNotFoundError(f"no bundled demo controller at {BUNDLED_CONTROLLER}: pass --controller PATH")
         return BUNDLED_CONTROLLER
     text = str(spec)

@@ -13,6 +13,14 @@ from tiny_models import make_tiny_llama
 from tiny_tokenizer import add_tokenizer
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_in_a_temp_dir(tmp_path_factory):
+    """Commands log to MLflow by default; in tests that goes to a throwaway SQLite file, never ./mlflow.db."""
+    import os
+
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db")
+
+
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory):
     """(target_dir, draft_dir): tiny Llama checkpoints sharing a 320-token BPE tokenizer; the draft is a

@@ -251,6 +251,39 @@ def test_stats_account_for_every_cycle(zoo):
     assert ar_stats.target_calls == N_NEW and ar_stats.tau == 1.0
 
 
+@pytest.mark.parametrize("method", ["ar", "tree"])
+def test_on_commit_sees_every_committed_token_in_order(zoo, method):
+    pair, (prompt, ar, _) = zoo.pair("gqa"), zoo.greedy_refs("gqa", 10)
+    seen: list[list[int]] = []
+    if method == "ar":
+        result = generate_ar(pair.target, prompt, Sampling(), N_NEW, on_commit=seen.append)
+    else:
+        cfg, policy = tree_method("tree", 4)
+        result = generate_speculative(pair.target, SmallLMDrafter(pair.drafts["noisy"]), prompt, cfg, policy,
+                                      Sampling(), N_NEW, on_commit=seen.append)
+    assert [t for step in seen for t in step] == result.token_ids == ar
+    assert len(seen) == result.stats.target_calls
+
+
+@pytest.mark.parametrize("method", ["ar", "tree"])
+def test_on_commit_returning_false_stops_after_that_step(zoo, method):
+    pair, (prompt, ar, _) = zoo.pair("gqa"), zoo.greedy_refs("gqa", 10)
+    steps: list[list[int]] = []
+
+    def stop_after_two(tokens: list[int]) -> bool:
+        steps.append(tokens)
+        return len(steps) < 2
+
+    if method == "ar":
+        result = generate_ar(pair.target, prompt, Sampling(), N_NEW, on_commit=stop_after_two)
+    else:
+        cfg, policy = tree_method("tree", 4)
+        result = generate_speculative(pair.target, SmallLMDrafter(pair.drafts["noisy"]), prompt, cfg, policy,
+                                      Sampling(), N_NEW, on_commit=stop_after_two)
+    assert result.stats.finish_reason == "stop" and len(steps) == 2
+    assert result.token_ids == ar[: len(steps[0]) + len(steps[1])]
+
+
 # ------------------------------------------------------------------------------------------------------- EOS
 
 

@@ -173,6 +173,15 @@ def test_stop_string_truncates_streamed_and_not(server):
         "prompt": PROMPT, "max_tokens": N, "temperature": 0, "stop": stop, "stream": True}))
     assert "".join(c["text"] for e in events for c in e["choices"]) == full[:cut]
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    # A stream stops decoding at the stop string (within a cycle or two), instead of running to max_tokens.
+    assert events[-1]["speculation"]["generated_tokens"] < N
+
+
+def test_streamed_chunks_arrive_while_decoding(server):
+    events = stream_events(server.post("/v1/completions", json={
+        "prompt": PROMPT, "max_tokens": N, "temperature": 0, "stream": True, "speculation": "off"}))
+    text_chunks = [c["text"] for e in events for c in e["choices"] if c["text"]]
+    assert len(text_chunks) > 1
 
 
 def test_chat_uses_the_plain_template_and_completions_the_raw_prompt(server):

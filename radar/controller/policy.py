@@ -288,7 +288,7 @@ class NumpyStep:
         out, inp = [], x
         for (w, b), (h, c) in zip(self.layers, hc):
             gates = w @ np.concatenate((inp, h)) + b
-            sig = 1.0 / (1.0 + np.exp(-gates))  # gate order input, forget, cell, output; tanh(cell) below
+            sig = 0.5 + 0.5 * np.tanh(0.5 * gates)  # sigmoid without exp overflow; gates: input, forget, cell, output
             c = sig[h_dim : 2 * h_dim] * c + sig[:h_dim] * np.tanh(gates[2 * h_dim : 3 * h_dim])
             inp = sig[3 * h_dim :] * np.tanh(c)
             out.append((inp, c))

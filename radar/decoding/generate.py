@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
@@ -29,7 +30,7 @@ class GenerationStats:
     accept_lengths: list[int] = field(default_factory=list)  # tau per cycle: accepted drafts + bonus
     draft_calls_per_cycle: list[int] = field(default_factory=list)
     wall_s: float = 0.0
-    finish_reason: str = "length"  # "length", "eos" or "context"
+    finish_reason: str = "length"  # "length", "eos", "context", or "stop" (the on_commit callback asked to stop)
 
     @property
     def tau(self) -> float:
@@ -87,6 +88,19 @@ def _finish(tokens: list[int], new: list[int], eos: set[int], budget: int) -> st
     return "length" if len(tokens) == budget else None
 
 
+# Called with the tokens each step commits, as soon as they are committed (streaming); returning False stops
+# generation after them with finish_reason "stop" (a client went away, a stop string appeared).
+OnCommit = Callable[[list[int]], "bool | None"]
+
+
+def _notify(on_commit: OnCommit | None, out: list[int], n_new: int, reason: str | None) -> str | None:
+    """Hand the newest `n_new` tokens to `on_commit`; the finish reason, "stop" if the callback asked for it."""
+    if on_commit is None or n_new == 0:
+        return reason
+    keep_going = on_commit(out[len(out) - n_new :])
+    return reason or (None if keep_going is not False else "stop")
+
+
 def _budget(target: Transformer, prompt_len: int, max_new_tokens: int) -> tuple[int, str]:
     """New tokens allowed: the request, cut to what fits in the model's context."""
     room = target.config.max_position_embeddings - prompt_len
@@ -113,6 +127,7 @@ def generate_ar(
     sampling: Sampling = Sampling(),
     max_new_tokens: int = 128,
     generator: torch.Generator | None = None,
+    on_commit: OnCommit | None = None,
 ) -> GenerationResult:
     """Plain autoregressive decoding: one target call per token."""
     budget, budget_reason = _budget(target, len(prompt_ids), max_new_tokens)
@@ -125,6 +140,7 @@ def generate_ar(
     while True:
         stats.target_calls += 1
         reason = _finish(out, [next_token(logits, sampling, generator)], eos, budget)
+        reason = _notify(on_commit, out, 1, reason)
         if reason:
             break
         logits = target(torch.tensor([[out[-1]]], device=device), cache=cache)[0, -1]
@@ -169,6 +185,7 @@ def generate_speculative(
     sampling: Sampling = Sampling(),
     max_new_tokens: int = 128,
     generator: torch.Generator | None = None,
+    on_commit: OnCommit | None = None,
 ) -> GenerationResult:
     """Speculative decoding with a dynamic draft tree; `policy` decides how many draft calls each cycle makes."""
     budget, budget_reason = _budget(target, len(prompt_ids), max_new_tokens)
@@ -194,7 +211,9 @@ def generate_speculative(
         stats.draft_calls += tree.draft_calls
         stats.accept_lengths.append(len(new))
         stats.draft_calls_per_cycle.append(tree.draft_calls)
+        n_before = len(out)
         reason = _finish(out, new, eos, budget)
+        reason = _notify(on_commit, out, len(out) - n_before, reason)
         if reason:
             break
         target_pending = torch.tensor([bonus], device=device)

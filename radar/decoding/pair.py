@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from radar.decoding.drafters import SmallLMDrafter
-from radar.decoding.generate import GenerationResult, Method, generate_ar, generate_speculative
+from radar.decoding.generate import GenerationResult, Method, OnCommit, generate_ar, generate_speculative
 from radar.decoding.model import ModelLoadError, Transformer
 from radar.decoding.tree import FixedDepth, StopPolicy, TreeConfig
 from radar.decoding.verify import Sampling
@@ -108,12 +108,14 @@ class ModelPair:
         max_new_tokens: int = 128,
         seed: int = 0,
         policy: StopPolicy | None = None,
+        on_commit: OnCommit | None = None,
     ) -> GenerationResult:
-        """Decode with `ar`, `chain:D`, `tree:D` or `radar`; `policy` overrides the method's stop rule."""
+        """Decode with `ar`, `chain:D`, `tree:D` or `radar`; `policy` overrides the method's stop rule;
+        `on_commit(tokens)` sees every step's committed tokens as they come (return False to stop)."""
         method = Method.parse(method) if isinstance(method, str) else method
         generator = torch.Generator(self.target.device).manual_seed(seed)
         if method.kind == "ar":
-            return generate_ar(self.target, prompt_ids, sampling, max_new_tokens, generator)
+            return generate_ar(self.target, prompt_ids, sampling, max_new_tokens, generator, on_commit)
         if self.draft is None:
             raise ValueError(f"method {method} needs a draft model (--draft PATH)")
         if method.kind == "radar":
@@ -126,7 +128,8 @@ class ModelPair:
             cfg = replace(self.tree, max_calls=method.depth)
         policy = policy or FixedDepth(method.depth)
         return generate_speculative(
-            self.target, SmallLMDrafter(self.draft), prompt_ids, cfg, policy, sampling, max_new_tokens, generator
+            self.target, SmallLMDrafter(self.draft), prompt_ids, cfg, policy, sampling, max_new_tokens, generator,
+            on_commit,
         )
 
 

@@ -291,6 +291,8 @@ def collect(
                                total_tokens=tree_tokens, temperature=temperature, max_new_tokens=max_new_tokens,
                                seed=seed, device=device, dtype=dtype, shard_size=shard_size)
         config.check()
+        if workers is not None and workers < 1:
+            raise UserError(f"--workers must be >= 1, got {workers}")
         use_ray = workers is not None or address is not None or bool(os.environ.get("RAY_ADDRESS"))
         started = connect(address) if use_ray else False
         try:
@@ -317,12 +319,18 @@ def train(
     variant: str = typer.Option("improved", help="reinforce (paper-exact) or improved (expected reward + group baseline)."),
     hidden_size: int = typer.Option(128), dropout: float = typer.Option(0.1), seed: int = typer.Option(0),
     eval_fraction: float = typer.Option(0.2, help="Share of prompts held out for the per-epoch simulated speedup."),
+    track: bool = typer.Option(True, help="Log params, per-epoch metrics and the controller to MLflow "
+                                          "(experiment radar-train)."),
 ) -> None:
     """Train the RADAR controller with REINFORCE on collected records."""
+    from contextlib import nullcontext
+    from dataclasses import asdict
+
     from radar.controller.dataset import read_records, train_test_split
     from radar.controller.mdp import CostModel
     from radar.controller.policy import ControllerConfig
     from radar.controller.train import TrainConfig, train as train_controller
+    from radar.platform import tracking
 
     with user_errors():
         records = read_records(data)
@@ -330,9 +338,19 @@ def train(
         cfg = TrainConfig(alpha=alpha, gamma=gamma, lr=lr, epochs=epochs, batch_size=batch_size, variant=variant,
                           seed=seed, cost=CostModel.resolve(costs))
         ctrl_cfg = ControllerConfig(input_size=records.k, hidden_size=hidden_size, dropout=dropout)
-        controller, history = train_controller(fit, cfg, ctrl_cfg, eval_records=held if len(held) else None)
-        controller.save(out, meta={"train": cfg.to_dict(), "records": str(data), "history": history.epochs[-1:]})
+        params = {"train": cfg.to_dict(), "controller": asdict(ctrl_cfg), "records": str(data), "n_train": len(fit),
+                  "n_eval": len(held)}
+        # The run opens before training so an unreachable tracking server fails fast, not after the epochs.
+        with tracking.run("radar-train", params=params) if track else nullcontext():
+            on_epoch = (lambda m: tracking.log_metrics(m, step=int(m["epoch"]))) if track else None
+            controller, history = train_controller(fit, cfg, ctrl_cfg, on_epoch=on_epoch,
+                                                   eval_records=held if len(held) else None)
+            controller.save(out, meta={"train": cfg.to_dict(), "records": str(data), "history": history.epochs[-1:]})
+            if track:
+                tracking.log_dir(out, tracking.CONTROLLER_ARTIFACT)
     Console().print(f"controller trained on {len(fit)} records -> {out}")
+    if track:
+        err.print(f"logged to MLflow at {tracking.tracking_uri()} (experiment radar-train)")
 
 
 @app.command()
@@ -366,7 +384,178 @@ def simulate(
 # ------------------------------------------------------------------ the platform: tuning and the model registry
 
 
+def _print_trials(rows: list[dict], best_trial: str | None) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} trials: expected speedup on held-out records, true costs")
+    cols = ("trial", "alpha", "gamma", "lr", "hidden", "dropout", "variant", "T_0/T_f/T_eye x", "epochs", "best",
+            "last", "best fixed")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("trial", "variant") else "right", no_wrap=True)
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for r in sorted(rows, key=lambda r: -(r["best"] or 0.0)):
+        name = r["trial"] + (" *" if r["trial"] == best_trial else "") + (" (error)" if r["status"] != "ok" else "")
+        scales = "/".join(fmt(r[k], ".2f") for k in ("t0_scale", "tf_scale", "teye_scale"))
+        table.add_row(name, fmt(r["alpha"], ".3g"), fmt(r["gamma"], ".3g"), fmt(r["lr"], ".2g"),
+                      fmt(r["hidden_size"], "d"), fmt(r["dropout"], ".2f"), str(r["variant"] or "-"), scales,
+                      str(r["epochs"]), fmt(r["best"], ".3f"), fmt(r["last"], ".3f"), fmt(r["best_fixed"], ".3f"))
+    # Wide enough for every column when stdout is a file or a pipe (rich would squeeze to 80 columns there).
+    console = Console()
+    Console(width=None if console.is_terminal else 140).print(table)
+
+
+@app.command()
+def tune(
+    data: Path = typer.Option(..., help="Record file or directory written by radar collect."),
+    num_samples: int = typer.Option(20, help="Trials to sample (with --search grid: training seeds per grid point)."),
+    search: str = typer.Option("optuna", help="optuna (Bayesian, TPE), random, or grid (a small fixed grid)."),
+    space: str = typer.Option("full", help="full (the paper's ranges) or demo (tiny networks, for quick sweeps)."),
+    costs: str = typer.Option("llama3.1-8b", help="The true cost file (radar profile) or a preset; trials search "
+                                                 "scales around it, and are all scored with it."),
+    epochs: int = typer.Option(100, help="Training epochs per trial at most (ASHA stops poor trials earlier)."),
+    batch_size: int = typer.Option(64),
+    report_every: int = typer.Option(1, help="Evaluate, report and checkpoint every N epochs."),
+    eval_fraction: float = typer.Option(0.2, help="Share of prompts held out for the reported speedup."),
+    seed: int = typer.Option(0),
+    storage: Path = typer.Option(Path("runs/tune"), help="Where Tune keeps the experiment (results, checkpoints)."),
+    name: str = typer.Option("radar-tune", help="Experiment name: the sweep lives in STORAGE/NAME."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the sweep in STORAGE/NAME (unfinished trials run "
+                                                        "again, finished ones are kept)."),
+    cpus_per_trial: float = typer.Option(1.0, help="CPUs per trial; fractions pack several trials per core."),
+    max_concurrent: int = typer.Option(0, help="Trials at once at most (0: as many as the CPUs allow)."),
+    register: bool = typer.Option(True, help="Register the best trial's controller as "
+                                             "models:/radar-controller@champion."),
+    track: bool = typer.Option(True, help="Log every trial to MLflow (experiment radar-tune)."),
+    verbose: int = typer.Option(1, help="Ray Tune's progress output: 0 none, 1 status updates, 2 every result."),
+) -> None:
+    """Sweep the controller's hyperparameters with Ray Tune (Optuna or random/grid search, ASHA early stopping),
+    scoring each trial by its simulated held-out speedup; register the best controller in MLflow."""
+    from radar.platform import tracking
+    from radar.tune_space.sweep import SweepConfig, best_result, register_best, run_sweep, trial_rows, unfinished
+
+    with user_errors():
+        if register and not track:
+            raise UserError("--register needs MLflow: drop --no-track, or pass --no-register")
+        cfg = SweepConfig(data=str(data), num_samples=num_samples, search=search, space=space, costs=costs,
+                          epochs=epochs, batch_size=batch_size, report_every=report_every, eval_fraction=eval_fraction,
+                          seed=seed, storage=str(storage), name=name, resume=resume, cpus_per_trial=cpus_per_trial,
+                          max_concurrent=max_concurrent, track=track, verbose=verbose)
+        results, restored = run_sweep(cfg)
+        if restored:
+            err.print(f"resumed the sweep in {cfg.experiment_dir} (its own search settings apply)")
+        owed = unfinished(cfg, results, restored)
+        if owed:
+            # Interrupted (Ctrl-C): Tune saved its state; registering a half-run sweep's best would mislead.
+            _print_trials(trial_rows(results), None)
+            err.print(f"sweep interrupted with {owed} trial(s) unfinished; continue with: radar tune --data {data} "
+                      f"--storage {storage} --name {name} --resume")
+            raise typer.Exit(130)
+        best = best_result(results)
+        best_trial = str(best.metrics.get("trial_id"))
+        _print_trials(trial_rows(results), best_trial)
+        if results.num_errors:
+            err.print(f"[yellow]{results.num_errors} trial(s) errored[/]; logs under {results.experiment_path}")
+        params = {k: best.config.get(k) for k in ("alpha", "gamma", "lr", "hidden_size", "dropout", "variant",
+                                                  "t0_scale", "tf_scale", "teye_scale")}
+        Console().print(f"best trial {best_trial}: eval speedup {best.metrics_dataframe['eval_speedup'].max():.3f} "
+                        f"with {json.dumps(params)}")
+        if register:
+            version, _ = register_best(results)
+            Console().print(f"registered models:/{tracking.REGISTERED_MODEL} version {version} as "
+                            f"@{tracking.CHAMPION} (tracking URI {tracking.tracking_uri()})")
+
+
 # --------------------------------------------------------------------------------------------------- serving
+
+
+def _wait_for_interrupt() -> None:
+    """Block the foreground until Ctrl-C (a separate function so tests can skip the wait)."""
+    import time
+
+    while True:
+        time.sleep(3600)
+
+
+@app.command("serve")
+def serve_command(
+    port: Optional[int] = typer.Option(None, help="HTTP port. Default: 8000 (or the config file's)."),
+    host: Optional[str] = typer.Option(None, help="Address to listen on. Default: 127.0.0.1 (0.0.0.0 exposes it)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML with ServeConfig fields, or a Serve config "
+                                          "file such as serve_config.yaml (its first application's args)."),
+    model: Optional[Path] = typer.Option(None, help="Target checkpoint directory. Default: the demo target."),
+    draft: Optional[Path] = typer.Option(None, help="Draft checkpoint directory. Default: the demo draft."),
+    controller: Optional[str] = typer.Option(None, help=CONTROLLER_HELP),
+    speculation: Optional[str] = typer.Option(None, help="Default per request: radar, tree:D or off."),
+    api_key: Optional[str] = typer.Option(None, envvar="RADAR_API_KEY", show_envvar=True,
+                                          help="Require 'Authorization: Bearer KEY' on every route but /health."),
+    replicas: Optional[int] = typer.Option(None, help="Replicas, one model each. Default: 1."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+) -> None:
+    """Serve the decoder behind an OpenAI-compatible HTTP API (Ray Serve), in the foreground; Ctrl-C stops it."""
+    from pydantic import ValidationError
+
+    from radar.platform.models import BUNDLED_CONTROLLER, controller_path, model_paths
+    from radar.serve.app import ServeConfig, config_fields_from_file
+
+    with user_errors():
+        fields = config_fields_from_file(config) if config else {}
+        flags = {"port": port, "host": host, "model": model, "draft": draft, "controller": controller,
+                 "speculation": speculation, "api_key": api_key, "replicas": replicas, "device": device}
+        fields.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
+        if fields.get("model") is None:
+            err.print("No --model given: serving the demo pair (built on first use).")
+            target, draft_dir = model_paths(None, fields.get("draft"))
+            fields.update(model=str(target), draft=str(draft_dir), model_name=fields.get("model_name") or "radar-demo")
+        for key in ("model", "draft"):
+            if fields.get(key) and not Path(fields[key]).is_dir():
+                raise UserError(f"--{key} {fields[key]}: no such checkpoint directory")
+        if fields.get("controller"):
+            # Resolved here: a typo fails now with one line, and a models:/ URI is downloaded once, not per replica.
+            fields["controller"] = str(controller_path(fields["controller"]))
+        elif not (BUNDLED_CONTROLLER / "controller.json").is_file():
+            err.print(f"[yellow]no --controller and no bundled controller at {BUNDLED_CONTROLLER}: speculation "
+                      "'radar' is unavailable, the default becomes tree:4[/]")
+        try:
+            cfg = ServeConfig.model_validate(fields)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise UserError(f"serve config: {problems}") from None
+
+    import signal
+
+    import ray
+    from ray import serve
+
+    from radar.serve.app import run as run_app, startup_error
+
+    def _stop(signum, frame):  # `kill` / a process manager stops it as cleanly as Ctrl-C
+        raise KeyboardInterrupt
+
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    signal.signal(signal.SIGTERM, _stop)  # after ray.init, which installs its own (logging) SIGTERM handler
+    try:
+        try:
+            url = run_app(cfg)
+        except RuntimeError as exc:  # a replica failed to start: say why in one line, the log has the rest
+            reason = startup_error(cfg.app_name) or str(exc).strip().splitlines()[-1]
+            err.print(f"[bold red]error:[/] the server failed to start: {reason} (full traceback in the Serve "
+                      "replica log under /tmp/ray/session_latest/logs/serve/)", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        key_header = " -H 'Authorization: Bearer KEY'" if cfg.api_key else ""
+        Console().print(
+            f"RADAR serving [bold]{cfg.model_name or Path(cfg.model).name}[/] at {url} (Ctrl-C stops it)\n"
+            f"  curl {url}/v1/completions{key_header} -H 'Content-Type: application/json' "
+            f"-d '{{\"prompt\": \"Question: What is 2+2?\\nAnswer:\", \"max_tokens\": 32, \"temperature\": 0}}'",
+            highlight=False, soft_wrap=True,
+        )
+        sys.stdout.flush()
+        _wait_for_interrupt()
+    except KeyboardInterrupt:
+        err.print("stopping")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def main() -> None:  # pragma: no cover - console entry

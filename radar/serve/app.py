@@ -17,13 +17,15 @@ Timeouts. The per-request timeout covers the wait in the replica's queue and the
 gets 504 and the request is cancelled: a forward pre-hook on the target and draft raises at the next model call,
 so a timed-out (or disconnected) request frees the decoder within one forward instead of running to the end.
 
-Streaming. The decoder commits several tokens per cycle, but radar/decoding has no per-commit callback yet, so a
-streamed request decodes to the end on the worker thread, then its text is sent as one chunk per token (with an
-incomplete UTF-8 tail and a possible stop-string prefix held back). The first byte therefore comes when the
-decode ends; the wire format is OpenAI's and the streamed text equals the non-streamed text.
+Streaming. The decoder hands each cycle's committed tokens to a callback on the worker thread
+(`ModelPair.generate(on_commit=...)`); they cross to the event loop through an asyncio queue and go out as
+OpenAI chunks as soon as they are decoded to text (an incomplete UTF-8 tail and a possible stop-string prefix are
+held back). The response starts once the first tokens exist, so a request that times out in the queue still gets
+a 504; a timeout after that ends the stream with an error event. When a stop string appears, or the client goes
+away, the callback tells the decoder to stop. The streamed text equals the non-streamed text.
 
-Stop strings. Decoding runs to max_tokens or EOS, then the text is cut at the first stop string
-(finish_reason "stop"); `usage.completion_tokens` counts the tokens up to the cut, `speculation.generated_tokens`
+Stop strings. A non-streamed decode runs to max_tokens or EOS, then the text is cut at the first stop string
+(finish_reason "stop"; a streamed one stops decoding there); `usage.completion_tokens` counts the tokens up to the cut, `speculation.generated_tokens`
 all decoded tokens.
 
 Prompts. /v1/completions tokenizes the raw prompt as is (exactly like `radar generate --prompt`, BOS included
@@ -370,6 +372,7 @@ class Job:
     max_tokens: int
     seed: int
     cancelled: threading.Event = field(default_factory=threading.Event)
+    on_commit: Optional[Callable[[list[int]], bool]] = None  # streaming: sees each cycle's tokens
     enqueued: float = field(default_factory=time.perf_counter)
     started: float = 0.0
 
@@ -514,6 +517,9 @@ class RadarServer:
         name, method = self._method(req.speculation)
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little")
         job = Job(ids, method, req.temperature, req.top_p, req.max_tokens, seed)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        if req.stream:
+            return await self._start_stream(rid, req, job, name, t0, chat)
         self.metrics.in_flight.inc()
         try:
             result = await self._run(job, deadline=t0 + self.cfg.timeout_s)
@@ -521,13 +527,32 @@ class RadarServer:
             self.metrics.in_flight.dec()
         outcome = self._outcome(req, job, result, name)
         self._record(outcome, name, time.perf_counter() - t0)
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._sse(rid, outcome, req.stop_list, chat, include_usage),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return self._body(rid, outcome, chat)
+
+    async def _start_stream(self, rid: str, req, job: Job, name: str, t0: float, chat: bool):
+        """Queue `job` with a commit callback; answer once its first tokens exist (errors before that keep their
+        status code), then stream the rest."""
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()  # set by the stream when a stop string appeared or the client left
+
+        def on_commit(ids: list[int]) -> bool:
+            loop.call_soon_threadsafe(tokens.put_nowait, list(ids))
+            return not stop.is_set()
+
+        job.on_commit = on_commit
+        self.metrics.in_flight.inc()
+        decode = asyncio.ensure_future(self._run(job, deadline=t0 + self.cfg.timeout_s))
+        first = asyncio.ensure_future(tokens.get())
+        await asyncio.wait({decode, first}, return_when=asyncio.FIRST_COMPLETED)
+        if decode.done() and decode.exception() is not None and not first.done():
+            first.cancel()
+            self.metrics.in_flight.dec()
+            raise decode.exception()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        events = self._sse(rid, req, job, name, t0, chat, include_usage, decode, first, tokens, stop)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _run(self, job: Job, deadline: float):
         """Queue `job` on the decoder thread and wait for it until `deadline` (-> 504, and the job is cancelled)."""
@@ -563,7 +588,7 @@ class RadarServer:
         self._current = job
         try:
             return self.pair.generate(job.prompt_ids, job.method, Sampling(job.temperature, job.top_p),
-                                      job.max_tokens, job.seed)
+                                      job.max_tokens, job.seed, on_commit=job.on_commit)
         finally:
             self._current = None
 
@@ -620,9 +645,11 @@ class RadarServer:
         return {**head, "object": "text_completion", "choices": [choice], "usage": self._usage(o),
                 "speculation": o.speculation}
 
-    async def _sse(self, rid: str, o: Outcome, stops: list[str], chat: bool,
-                   include_usage: bool) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format, one chunk per released piece of text, then [DONE]."""
+    async def _sse(self, rid: str, req, job: Job, name: str, t0: float, chat: bool, include_usage: bool,
+                   decode: asyncio.Future, first: asyncio.Future, tokens: asyncio.Queue,
+                   stop: threading.Event) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, one chunk per released piece of text as the decoder commits
+        tokens, then the finish chunk (with the speculation statistics) and [DONE]."""
         head = {"id": rid, "created": int(time.time()), "model": self.model_name,
                 "object": "chat.completion.chunk" if chat else "text_completion"}
 
@@ -634,25 +661,52 @@ class RadarServer:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
             return f"data: {json.dumps({**head, 'choices': [choice], **extra})}\n\n"
 
-        if chat:
-            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-            yield f"data: {json.dumps({**head, 'choices': [first]})}\n\n"
-        detok = Detokenizer(self.pair.decode, stops)
-        # Today the whole output is here at once (see the module docstring); with a per-commit hook in the decoder
-        # these pushes would follow the decode cycle by cycle.
-        for t in o.token_ids:
-            piece = detok.push([t])
-            if piece:
-                yield chunk(piece)
-            if detok.stopped:
-                break
-        tail = detok.finish()
-        if tail:
-            yield chunk(tail)
-        yield chunk(None, o.finish_reason, speculation=o.speculation)
-        if include_usage:
-            yield f"data: {json.dumps({**head, 'choices': [], 'usage': self._usage(o)})}\n\n"
-        yield "data: [DONE]\n\n"
+        async def committed() -> AsyncIterator[list[int]]:
+            # Every put happens before the decode's own completion is signalled to the loop, so once `decode` is
+            # done the queue already holds the last tokens.
+            nxt = first
+            while True:
+                await asyncio.wait({decode, nxt}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    nxt.cancel()
+                    while not tokens.empty():
+                        yield tokens.get_nowait()
+                    return
+                yield nxt.result()
+                nxt = asyncio.ensure_future(tokens.get())
+
+        try:
+            if chat:
+                first_delta = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                               "finish_reason": None}
+                yield f"data: {json.dumps({**head, 'choices': [first_delta]})}\n\n"
+            detok = Detokenizer(self.pair.decode, req.stop_list)
+            async for ids in committed():
+                piece = detok.push(ids)
+                if piece:
+                    yield chunk(piece)
+                if detok.stopped:
+                    stop.set()  # the decoder ends after its current cycle
+            try:
+                result = await decode
+            except APIError as exc:  # a timeout after the response started: end the stream with the error
+                error = {"message": exc.message, "type": exc.type, "code": exc.code, "param": exc.param}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            tail = detok.finish()
+            if tail:
+                yield chunk(tail)
+            outcome = self._outcome(req, job, result, name)
+            self._record(outcome, name, time.perf_counter() - t0)
+            yield chunk(None, outcome.finish_reason, speculation=outcome.speculation)
+            if include_usage:
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': self._usage(outcome)})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if not decode.done():  # the client went away mid-stream
+                job.cancelled.set()
+            self.metrics.in_flight.dec()
 
 
 # The class stays importable under its own name, so Ray pickles it by reference and replicas run this module's

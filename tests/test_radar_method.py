@@ -84,3 +84,20 @@ def test_cli_missing_controller_is_a_one_line_error(tiny_pair, tmp_path):
                                  "--method", "radar", "--controller", str(tmp_path / "nope")])
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().startswith("error:") and "no such file" in result.stderr
+
+
+def test_a_greedy_sampled_controller_pair_is_chosen_by_temperature(tiny_pair, tmp_path):
+    def fixed_controller(path, keep_drafting: bool):
+        controller = LSTMController(ControllerConfig(input_size=2, hidden_size=8, mlp_hidden=8))
+        with torch.no_grad():
+            controller.mlp[3].weight.zero_()
+            controller.mlp[3].bias.copy_(torch.tensor([0.0, 5.0] if keep_drafting else [5.0, 0.0]))
+        controller.save(path)
+
+    fixed_controller(tmp_path / "pair" / "greedy", keep_drafting=True)
+    fixed_controller(tmp_path / "pair" / "sampled", keep_drafting=False)
+    pair = attach_controller(ModelPair.load(*tiny_pair, device="cpu", dtype="float32"), tmp_path / "pair")
+    ids = random_ids(7, pair.target.config.vocab_size, seed=2)[0].tolist()
+    greedy = pair.generate(ids, "radar", Sampling(0.0), max_new_tokens=16).stats.draft_calls_per_cycle
+    sampled = pair.generate(ids, "radar", Sampling(1.0), max_new_tokens=16).stats.draft_calls_per_cycle
+    assert set(greedy) == {pair.tree.max_calls} and set(sampled) == {1}

@@ -54,9 +54,10 @@ class ModelPair:
     draft: Transformer | None
     tokenizer: object  # a transformers PreTrainedTokenizerFast
     tree: TreeConfig
-    # Builds a fresh stop policy for method `radar` from a request's seed (a new one per request, so no LSTM or
-    # random state is shared between requests). Set by whoever loads a controller; decoding does not know one.
-    stop_policy: Callable[[int], StopPolicy] | None = None
+    # Builds a fresh stop policy for method `radar` from a request's seed and sampling settings (a new one per
+    # request, so no LSTM or random state is shared between requests; the sampling settings let a loader pick a
+    # controller trained for greedy or for sampled decoding). Set by whoever loads a controller.
+    stop_policy: Callable[[int, Sampling], StopPolicy] | None = None
 
     @classmethod
     def load(
@@ -121,7 +122,7 @@ class ModelPair:
         if method.kind == "radar":
             if policy is None and self.stop_policy is None:
                 raise ValueError("method radar needs a controller (--controller PATH)")
-            cfg, policy = self.tree, policy or self.stop_policy(seed)
+            cfg, policy = self.tree, policy or self.stop_policy(seed, sampling)
         elif method.kind == "chain":
             cfg = TreeConfig(branching=1, max_calls=method.depth, total_tokens=method.depth)
         else:

@@ -20,10 +20,6 @@ CONTROLLER_HELP = ("Controller for method radar: a directory from radar train, a
                    "models:/radar-controller@champion. Default: the controller trained for the demo pair.")
 
 
-# The tree setting that benchmarked best on the demo pair on a 2-core CPU (benchmarks/README.md).
-DEMO_METHODS = "ar,hf,hf-assisted,tree:4"
-
-
 class UserError(Exception):
     """A mistake the user can fix; reported as one line, never as a traceback."""
 
@@ -209,24 +205,47 @@ def demo_models(
 
 @app.command()
 def demo(
-    limit: int = typer.Option(20, help="MT-bench prompts to decode."),
-    max_new_tokens: int = typer.Option(128),
-    methods: str = typer.Option(DEMO_METHODS, help="Methods to compare (see radar bench)."),
-    repeats: int = typer.Option(3),
-    out: Path = typer.Option(Path("runs/demo/bench.json"), help="Where the results JSON goes."),
-    track: bool = typer.Option(True, help="Log the run to MLflow."),
+    work_dir: Path = typer.Option(Path("runs/demo"), help="Where every stage's output and stages.json go."),
+    fresh: bool = typer.Option(False, "--fresh", help="Redo every stage (the cached demo pair is kept)."),
+    model: Optional[Path] = typer.Option(None, help="Target checkpoint directory. Default: the demo target."),
+    draft: Optional[Path] = typer.Option(None, help="Draft checkpoint directory. Default: the demo draft."),
+    limit_per_set: int = typer.Option(40, help="Prompts collected from each of MT-bench and Alpaca."),
+    workers: int = typer.Option(2, help="Ray actors collecting records."),
+    epochs: int = typer.Option(40, help="Training epochs of the controller."),
+    trials: int = typer.Option(4, help="Trials of the tuning sweep."),
+    tune_epochs: int = typer.Option(10, help="Training epochs per trial at most."),
+    bench_limit: int = typer.Option(20, help="MT-bench prompts to benchmark."),
+    max_new_tokens: int = typer.Option(128, help="New tokens per prompt at most (collection and bench)."),
+    repeats: int = typer.Option(2, help="Timed bench repeats per method; the median is kept."),
+    device: str = typer.Option("cpu", help="cpu (the tree settings are the CPU ones) or cuda[:N]."),
+    track: bool = typer.Option(True, help="Log to MLflow and register the champion controller."),
 ) -> None:
-    """The demo pipeline: build (or reuse) the demo pair, then benchmark it against Hugging Face on MT-bench."""
-    import time
+    """The whole pipeline on the demo pair: build (or reuse) it, measure its costs, collect records on Ray actors,
+    train a controller, run a small tuning sweep, register the better controller as the champion, and benchmark
+    ar, hf, hf-assisted, the best fixed tree and radar. Every stage skips work already done (WORK_DIR/stages.json);
+    after a failure, the same command resumes from the failed stage."""
+    import traceback
 
-    from radar.platform.bench import BenchConfig
+    from rich.markup import escape
 
-    t0 = time.perf_counter()
+    from radar.decoding.model import ModelLoadError
+    from radar.platform.pipeline import DemoRunConfig, StageError, run_demo
+
     with user_errors():
-        cfg = BenchConfig(prompts="mt_bench", limit=limit, max_new_tokens=max_new_tokens, repeats=repeats,
-                          methods=[m.strip() for m in methods.split(",") if m.strip()])
-        run_benchmark(cfg, out, track, title=f"demo pair on MT-bench (first {limit}), {max_new_tokens} new tokens, greedy")
-    err.print(f"demo finished in {time.perf_counter() - t0:.0f}s")
+        cfg = DemoRunConfig(work_dir=str(work_dir), model=str(model) if model else None,
+                            draft=str(draft) if draft else None, limit_per_set=limit_per_set, workers=workers,
+                            epochs=epochs, trials=trials, tune_epochs=tune_epochs, bench_limit=bench_limit,
+                            max_new_tokens=max_new_tokens, repeats=repeats, device=device, track=track)
+    try:
+        result = run_demo(cfg, fresh=fresh, log=lambda line: err.print(line, markup=False, highlight=False,
+                                                                       soft_wrap=True))
+    except StageError as exc:
+        if not isinstance(exc.cause, (UserError, ModelLoadError, ValueError, FileNotFoundError)):
+            traceback.print_exception(exc.cause, file=sys.stderr)  # not the user's mistake: keep the trace
+        err.print(f"[bold red]error:[/] {escape(str(exc))}; the stages before it are kept in {escape(str(work_dir))}: "
+                  "fix the cause and run the same command again to resume from there", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    err.print(f"demo finished in {result.seconds:.0f}s")
 
 
 # ------------------------------------------------------------------------------------------- the controller
@@ -494,7 +513,7 @@ def serve_command(
     """Serve the decoder behind an OpenAI-compatible HTTP API (Ray Serve), in the foreground; Ctrl-C stops it."""
     from pydantic import ValidationError
 
-    from radar.platform.models import BUNDLED_CONTROLLER, controller_path, model_paths
+    from radar.platform.models import BUNDLED_CONTROLLER, bundled_controller_available, controller_path, model_paths
     from radar.serve.app import ServeConfig, config_fields_from_file
 
     with user_errors():
@@ -512,7 +531,7 @@ def serve_command(
         if fields.get("controller"):
             # Resolved here: a typo fails now with one line, and a models:/ URI is downloaded once, not per replica.
             fields["controller"] = str(controller_path(fields["controller"]))
-        elif not (BUNDLED_CONTROLLER / "controller.json").is_file():
+        elif not bundled_controller_available():
             err.print(f"[yellow]no --controller and no bundled controller at {BUNDLED_CONTROLLER}: speculation "
                       "'radar' is unavailable, the default becomes tree:4[/]")
         try:

@@ -1,5 +1,9 @@
 """Where the platform's models come from: checkpoint paths (the demo pair by default) and the RADAR controller
-(a directory, a reference .pt file, an MLflow `models:/` URI, or the controller bundled for the demo pair)."""
+(a directory, a reference .pt file, an MLflow `models:/` URI, or the controllers bundled for the demo pair).
+
+A controller directory may also be a pair: `greedy/` and `sampled/` controller directories, used for temperature 0
+and for sampling respectively. Acceptance behaves so differently in the two regimes that one controller trained
+on both does worse than either (benchmarks/README.md); the bundled demo controllers are such a pair."""
 
 from __future__ import annotations
 
@@ -22,10 +26,15 @@ def model_paths(model: str | Path | None, draft: str | Path | None) -> tuple[Pat
     return Path(model), Path(draft) if draft else None
 
 
+def bundled_controller_available() -> bool:
+    """Whether this installation ships the demo pair's controllers."""
+    return (BUNDLED_CONTROLLER / "greedy" / "controller.json").is_file()
+
+
 def controller_path(spec: str | Path | None) -> Path:
     """A local controller path for `spec`: a path, a `models:/name@alias` registry URI, or None for the bundled one."""
     if spec is None:
-        if not (BUNDLED_CONTROLLER / "controller.json").is_file():
+        if not bundled_controller_available():
             raise FileNotFoundError(f"no bundled demo controller at {BUNDLED_CONTROLLER}: pass --controller PATH")
         return BUNDLED_CONTROLLER
     text = str(spec)
@@ -43,8 +52,14 @@ def attach_controller(pair: ModelPair, spec: str | Path | None = None, greedy: b
     """Give `pair` a RADAR stop policy from the controller at `spec` (see `controller_path`); returns `pair`."""
     from radar.controller.policy import ControllerPolicy, load_controller
 
-    controller = load_controller(controller_path(spec), map_location=pair.target.device)
-    pair.stop_policy = lambda seed: ControllerPolicy(controller, greedy=greedy, seed=seed)
+    path = controller_path(spec)
+    device = pair.target.device
+    if (path / "greedy").is_dir() and (path / "sampled").is_dir():
+        by_regime = {True: load_controller(path / "greedy", device), False: load_controller(path / "sampled", device)}
+    else:
+        by_regime = dict.fromkeys((True, False), load_controller(path, device))
+    pair.stop_policy = lambda seed, sampling: ControllerPolicy(
+        by_regime[sampling.temperature == 0], greedy=greedy, seed=seed)
     return pair
 
 

@@ -391,10 +391,10 @@ class Outcome:
 
 def load_decoder_for(cfg: ServeConfig):
     """The ModelPair for `cfg`, with a controller when one is given or bundled; returns (pair, radar_available)."""
-    from radar.platform.models import BUNDLED_CONTROLLER, load_decoder
+    from radar.platform.models import BUNDLED_CONTROLLER, bundled_controller_available, load_decoder
 
     controller = cfg.controller
-    if controller is None and not (BUNDLED_CONTROLLER / "controller.json").is_file():
+    if controller is None and not bundled_controller_available():
         log.warning("no --controller and no bundled controller at %s: method radar is unavailable", BUNDLED_CONTROLLER)
         pair = load_decoder(cfg.model, cfg.draft, device=cfg.device, dtype=cfg.dtype)
     else:

@@ -1,0 +1,131 @@
+"""`radar demo` as the whole pipeline (radar.platform.pipeline) on the tiny pair: a failed stage keeps the earlier
+ones and a rerun resumes from it, the finished run benchmarks radar with the registered champion, a rerun skips
+every stage, and the command prints the tables. The tests share one work directory and run in file order, each
+starting from the state the previous one left."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import ray
+from typer.testing import CliRunner
+
+from radar.platform.cli import app
+from radar.platform.pipeline import STAGES, DemoRunConfig, StageError, run_demo
+
+# Every knob here is also a `radar demo` option, so the command can be run on the same directory. 5 prompts per set
+# make 2 shards of 8, one per collection actor.
+KNOBS = dict(limit_per_set=5, workers=2, epochs=2, trials=2, tune_epochs=2, bench_limit=2, max_new_tokens=16,
+             repeats=1)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, tiny_pair, ray_session):
+    """The run's config; controllers downloaded from the registry go to a temporary RADAR_HOME."""
+    root = tmp_path_factory.mktemp("demo")
+    target, draft = tiny_pair
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RADAR_HOME", str(root / "home"))
+        yield DemoRunConfig(work_dir=str(root / "work"), model=str(target), draft=str(draft), **KNOBS)
+
+
+def statuses(cfg: DemoRunConfig) -> dict[str, str]:
+    manifest = json.loads((cfg.work / "stages.json").read_text())
+    return {name: entry["status"] for name, entry in manifest["stages"].items()}
+
+
+def demo_args(cfg: DemoRunConfig) -> list[str]:
+    args = ["demo", "--work-dir", cfg.work_dir, "--model", cfg.model, "--draft", cfg.draft]
+    for key, value in KNOBS.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def test_a_failed_stage_names_itself_and_keeps_the_stages_before_it(work, monkeypatch):
+    def broken_sweep(cfg):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr("radar.tune_space.sweep.run_sweep", broken_sweep)
+    lines: list[str] = []
+    with pytest.raises(StageError) as info:
+        run_demo(work, log=lines.append, report=False)
+    assert info.value.stage == "tune" and "injected failure" in str(info.value)
+    assert any(line.startswith("[5/7] tune: FAILED") for line in lines)
+    assert statuses(work) == {"pair": "done", "costs": "done", "collect": "done", "train": "done", "tune": "failed"}
+    out = work.work
+    assert (out / "costs.json").is_file() and (out / "records" / "manifest.json").is_file()
+    assert (out / "controller" / "controller.json").is_file() and not (out / "bench.json").exists()
+    assert ray.is_initialized()  # the session's Ray was reused, and left running
+
+
+def test_the_rerun_resumes_at_the_failed_stage_and_benchmarks_radar_with_the_champion(work):
+    lines: list[str] = []
+    result = run_demo(work, log=lines.append, report=False)
+    assert [s.status for s in result.stages] == ["skipped"] * 4 + ["done"] * 3
+    assert [line for line in lines if "skipped (done)" in line] == [
+        f"[{i}/7] {name}: skipped (done)" for i, name in enumerate(STAGES[:4], 1)]
+    assert set(statuses(work).values()) == {"done"}
+
+    # ar, both HF baselines, the simulator's best fixed depth and radar, on the same prompts; greedy radar is ar.
+    bench = json.loads((work.work / "bench.json").read_text())
+    depth = result.simulation["best_fixed_depth"]
+    assert list(bench["methods"]) == ["ar", "hf", "hf-assisted", f"tree:{depth}", "radar"]
+    assert bench["methods"]["radar"]["outputs"] == bench["methods"]["ar"]["outputs"]
+    assert all(bench["greedy_outputs_match_ar"].values())
+    assert bench["config"]["controller"] == "models:/radar-controller@champion"
+
+    # The champion is the better of the two candidates, and the registry's @champion is the version registered here.
+    import mlflow
+
+    from radar.platform.tracking import tracking_uri
+
+    speedups = result.simulation["controller_speedups"]
+    assert set(speedups) == {"trained", "tuned"} and speedups[result.simulation["champion"]] == max(speedups.values())
+    version = mlflow.MlflowClient(tracking_uri()).get_model_version_by_alias("radar-controller", "champion")
+    assert int(version.version) == result.champion["version"]
+
+
+def test_a_second_rerun_skips_every_stage_quickly_and_changes_nothing(work):
+    before = {f: (work.work / f).read_bytes() for f in ("bench.json", "simulate.json", "costs.json")}
+    t0 = time.perf_counter()
+    result = run_demo(work, log=lambda line: None, report=False)
+    assert time.perf_counter() - t0 < 15
+    assert result.skipped == list(STAGES)
+    assert {f: (work.work / f).read_bytes() for f in before} == before
+
+
+def test_the_demo_command_prints_the_tables_and_where_to_look_in_mlflow(work):
+    result = CliRunner().invoke(app, demo_args(work))
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("skipped (done)") == len(STAGES)
+    assert "greedy outputs identical to ar: all methods" in result.stdout
+    assert "fixed-1" in result.stdout and "threshold" in result.stdout and "oracle" in result.stdout
+    assert "mlflow ui --backend-store-uri" in result.stdout and "radar-controller" in result.stdout
+
+
+def test_the_command_reports_a_failed_stage_in_one_line_and_the_same_command_resumes(work, monkeypatch):
+    def broken_bench(*args, **kwargs):
+        raise ValueError("injected bench failure")
+
+    args = demo_args(work)
+    args[args.index("--repeats") + 1] = "2"  # new bench settings: only the bench runs again
+    with monkeypatch.context() as mp:
+        mp.setattr("radar.platform.bench.run_bench", broken_bench)
+        failed = CliRunner().invoke(app, args)
+    assert failed.exit_code == 1
+    assert "stage 'bench' failed: injected bench failure" in failed.stderr and "Traceback" not in failed.stderr
+    assert statuses(work)["bench"] == "failed" and statuses(work)["register"] == "done"
+
+    resumed = CliRunner().invoke(app, args)
+    assert resumed.exit_code == 0, resumed.output
+    assert resumed.stderr.count("skipped (done)") == len(STAGES) - 1 and "[7/7] bench: done" in resumed.stderr
+    assert json.loads((work.work / "bench.json").read_text())["config"]["repeats"] == 2
+
+
+def test_bad_settings_are_one_line_errors(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--work-dir", str(tmp_path), "--draft", str(tmp_path)])
+    assert result.exit_code == 2 and "--draft given without --model" in result.stderr
+    result = CliRunner().invoke(app, ["demo", "--work-dir", str(tmp_path), "--trials", "0"])
+    assert result.exit_code == 2 and "trials must be >= 1" in result.stderr

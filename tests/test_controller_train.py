@@ -78,7 +78,7 @@ def test_every_variant_trains(overrides):
     records = synthetic_records(48, seed=2)
     seen = []
     ctrl, hist = train(records, TrainConfig(epochs=2, batch_size=16, cost=CPU_COST, **overrides), SMALL,
-                       progress=False, on_epoch=seen.append, eval_records=records[:16])
+                       progress=False, on_epoch=lambda m, _: seen.append(m), eval_records=records[:16])
     assert len(hist) == 2 and seen == hist.epochs
     for key in ("loss", "return", "terminal", "calls", "entropy", "lr", "grad_norm", "eval_speedup", "eval_calls"):
         assert all(torch.isfinite(torch.tensor(e[key])) for e in hist.epochs), key
@@ -98,7 +98,7 @@ def test_training_is_deterministic_under_seed_and_early_stop():
     assert ha.epochs == hb.epochs
     assert any(not torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())
     _, hs = train(records, TrainConfig(epochs=5, batch_size=16, cost=CPU_COST), SMALL, progress=False,
-                  on_epoch=lambda m: m["epoch"] >= 2)
+                  on_epoch=lambda m, _: m["epoch"] >= 2)
     assert len(hs) == 2
 
 

@@ -203,13 +203,13 @@ def train(
     cfg: TrainConfig | None = None,
     controller_cfg: ControllerConfig | None = None,
     progress: bool = True,
-    on_epoch: Callable[[dict], bool | None] | None = None,
+    on_epoch: Callable[[dict, LSTMController], bool | None] | None = None,
     eval_records: RecordSet | None = None,
 ) -> tuple[LSTMController, TrainHistory]:
     """Train a fresh controller on `records`; deterministic for a given `cfg.seed` (on one device).
 
-    `on_epoch(metrics)` is called after every epoch with that epoch's metrics dict (Tune / MLflow reporting); it
-    may return True to stop early. With `eval_records`, each epoch also reports the greedy controller's expected
+    `on_epoch(metrics, controller)` is called after every epoch with that epoch's metrics dict and the model being
+    trained (Tune / MLflow reporting, checkpoints); it may return True to stop early. With `eval_records`, each epoch also reports the greedy controller's expected
     speedup on them (`eval_speedup`, `eval_calls`)."""
     cfg = cfg or TrainConfig()
     eff = cfg.effective()
@@ -269,7 +269,7 @@ def train(
             history.append(metrics)
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "calls", "return", "eval_speedup")
                              if k in metrics and not math.isnan(metrics[k])})
-            if on_epoch is not None and on_epoch(metrics):
+            if on_epoch is not None and on_epoch(metrics, controller):
                 break
         bar.close()
     controller.eval()

@@ -17,7 +17,7 @@ import torch
 
 from radar.decoding.drafters import Drafter
 from radar.decoding.model import KVCache, Transformer
-from radar.decoding.tree import DraftTree, FixedDepth, StopPolicy, TreeConfig, build_tree
+from radar.decoding.tree import DraftTree, StopPolicy, TreeConfig, build_tree
 from radar.decoding.verify import Sampling, next_token, walk
 
 

@@ -361,7 +361,7 @@ def train(
                   "n_eval": len(held)}
         # The run opens before training so an unreachable tracking server fails fast, not after the epochs.
         with tracking.run("radar-train", params=params) if track else nullcontext():
-            on_epoch = (lambda m: tracking.log_metrics(m, step=int(m["epoch"]))) if track else None
+            on_epoch = (lambda m, _: tracking.log_metrics(m, step=int(m["epoch"]))) if track else None
             controller, history = train_controller(fit, cfg, ctrl_cfg, on_epoch=on_epoch,
                                                    eval_records=held if len(held) else None)
             controller.save(out, meta={"train": cfg.to_dict(), "records": str(data), "history": history.epochs[-1:]})

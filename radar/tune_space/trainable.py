@@ -4,8 +4,6 @@ expected speedup (under the true costs) with a checkpoint of the controller, so 
 from __future__ import annotations
 
 import tempfile
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
@@ -37,26 +35,6 @@ def trial_configs(config: dict, k: int) -> tuple[TrainConfig, ControllerConfig, 
     return cfg, ctrl, true_cost
 
 
-@contextmanager
-def _capture_controller() -> Iterator[list[LSTMController]]:
-    """Collect the LSTMController that `train` builds internally, at its first forward pass.
-
-    `train`'s per-epoch callback receives only the metrics dict, and the speedup we report must be priced with the
-    true costs, not the scaled ones `train` evaluates with; so we take hold of the model through a global forward
-    pre-hook (removed on exit) and evaluate it ourselves."""
-    box: list[LSTMController] = []
-
-    def hook(module, args):
-        if not box and isinstance(module, LSTMController):
-            box.append(module)
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
-    try:
-        yield box
-    finally:
-        handle.remove()
-
-
 def train_controller_trial(config: dict) -> None:
     """Ray Tune function trainable (see `radar.tune_space.space.param_space` for `config`): reports `eval_speedup`
     (held-out, greedy controller, true costs) every `report_every` epochs with a checkpoint of the controller."""
@@ -70,24 +48,21 @@ def train_controller_trial(config: dict) -> None:
     baseline = simulate(held, true_cost).best_fixed
     every, last = int(config["report_every"]), int(config["epochs"])
 
-    with _capture_controller() as box:
+    def on_epoch(metrics: dict, controller: LSTMController) -> None:
+        epoch = int(metrics["epoch"])
+        if epoch % every and epoch != last:
+            return
+        res = evaluate_depths(held, controller_depths(controller, held.states), true_cost, "controller",
+                              controller=True)
+        report = {
+            "epoch": epoch, METRIC: res.speedup, "eval_calls": res.mean_calls,
+            "best_fixed_speedup": baseline.speedup, "speedup_vs_best_fixed": res.speedup / baseline.speedup,
+            **{f"train_{k}": float(metrics[k]) for k in ("loss", "return", "calls", "entropy") if k in metrics},
+        }
+        meta = {"train": cfg.to_dict(), "true_cost": true_cost.to_dict(), "records": str(config["data"]),
+                "tune": {k: v for k, v in config.items() if k not in ("cost", "data")}, "metrics": report}
+        with tempfile.TemporaryDirectory() as tmp:
+            controller.save(tmp, meta=meta)
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
 
-        def on_epoch(metrics: dict) -> None:
-            epoch = int(metrics["epoch"])
-            if epoch % every and epoch != last:
-                return
-            controller = box[0]
-            res = evaluate_depths(held, controller_depths(controller, held.states), true_cost, "controller",
-                                  controller=True)
-            report = {
-                "epoch": epoch, METRIC: res.speedup, "eval_calls": res.mean_calls,
-                "best_fixed_speedup": baseline.speedup, "speedup_vs_best_fixed": res.speedup / baseline.speedup,
-                **{f"train_{k}": float(metrics[k]) for k in ("loss", "return", "calls", "entropy") if k in metrics},
-            }
-            meta = {"train": cfg.to_dict(), "true_cost": true_cost.to_dict(), "records": str(config["data"]),
-                    "tune": {k: v for k, v in config.items() if k not in ("cost", "data")}, "metrics": report}
-            with tempfile.TemporaryDirectory() as tmp:
-                controller.save(tmp, meta=meta)
-                tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
-
-        train(fit, cfg, ctrl_cfg, progress=False, on_epoch=on_epoch)
+    train(fit, cfg, ctrl_cfg, progress=False, on_epoch=on_epoch)

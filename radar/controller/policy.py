@@ -273,9 +273,8 @@ class NumpyStep:
 
     def state(self, frontier_scores: torch.Tensor) -> np.ndarray:
         """`frontier_state` in NumPy (same padding, clamping and order)."""
-        s = frontier_scores.detach().float().numpy().ravel()
-        s = np.maximum(np.nan_to_num(s, nan=PAD_LOGPROB, neginf=PAD_LOGPROB), PAD_LOGPROB)
-        s = -np.sort(-s)[: self.k]
+        s = np.fmax(frontier_scores.detach().numpy().ravel(), PAD_LOGPROB)  # fmax maps NaN and -inf to the pad
+        s = np.sort(s)[::-1][: self.k].astype(np.float32, copy=False)
         if s.size < self.k:
             s = np.concatenate((s, np.full(self.k - s.size, PAD_LOGPROB, np.float32)))
         return s

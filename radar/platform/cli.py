@@ -260,18 +260,22 @@ def profile(
     k: int = typer.Option(10, help="Tree branching."),
     tree_tokens: Optional[int] = typer.Option(None, help="Tree nodes verified per cycle (default 60 on GPU, 12 on CPU)."),
     repeats: int = typer.Option(20),
+    controller: Optional[Path] = typer.Option(None, help="Controller whose decisions T_eye times (default: an "
+                                              "untrained one of the reference size)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ) -> None:
     """Measure the cost constants T_0, T_f, T_eye and the AR step on this hardware; write a cost file."""
+    from radar.controller.policy import load_controller
     from radar.controller.profile import profile_costs
     from radar.decoding.pair import ModelPair
 
     with user_errors():
         model, draft = _model_paths(model, draft)
         pair = ModelPair.load(model, draft, device=device, dtype=dtype)
+        ctrl = load_controller(controller, pair.target.device) if controller else None
         cost = profile_costs(pair, t_max=t_max, k=k, total_tokens=tree_tokens, repeats=repeats, out=out,
-                             target_name=str(model), draft_name=str(draft))
+                             target_name=str(model), draft_name=str(draft), controller=ctrl)
     Console().print(f"T_0 {cost.T_0 * 1e3:.2f} ms, T_f {cost.T_f * 1e3:.2f} ms, T_eye {cost.T_eye * 1e3:.3f} ms, "
                     f"AR step {cost.ar_step * 1e3:.2f} ms -> {out}")
 

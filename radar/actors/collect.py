@@ -421,7 +421,7 @@ def _run_local(worker: CollectWorker, todo: list[Shard], done: Callable) -> None
 
 
 def _run_actors(config: CollectConfig, todo: list[Shard], n_workers: int, use_gpu: bool, cpus: float,
-                max_restarts: int, done: Callable, started: Callable[[], None], warn_after_s: float = 120.0) -> None:
+                max_restarts: int, done: Callable, started: Callable[[], None], warn_after_s: float = 300.0) -> None:
     """Give the shards to `n_workers` actors, one shard in flight per actor, until all are saved.
 
     An actor gets work only once its pair is loaded, so one that never finds resources (more workers than GPUs)

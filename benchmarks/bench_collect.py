@@ -28,23 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def tiny_pair(root: Path) -> tuple[Path, Path]:
     """The tests' tiny pair: a random Llama target and a noisy copy as draft, sharing a 320-token tokenizer."""
-    import torch
-
     sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_models import make_tiny_llama
-    from tiny_tokenizer import add_tokenizer
+    from tiny_models import make_tiny_pair
 
-    from radar.decoding.model import Transformer
-
-    target = add_tokenizer(make_tiny_llama(root, vocab=320, eos=2, bos=1, max_pos=1024, name="target"))
-    model = Transformer.from_pretrained(target)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * p.std() * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(root / "draft")
-    add_tokenizer(root / "draft")
-    return target, root / "draft"
+    return make_tiny_pair(root)
 
 
 def actor_startup(config, workers: int, cpus: float) -> float:

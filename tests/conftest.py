@@ -9,8 +9,7 @@ import torch
 # anything else on a 2-core machine), which made single forwards up to 100x slower in measurements here.
 torch.set_num_threads(1)
 
-from tiny_models import make_tiny_llama
-from tiny_tokenizer import add_tokenizer
+from tiny_models import make_tiny_pair
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -25,19 +24,7 @@ def mlflow_in_a_temp_dir(tmp_path_factory):
 def tiny_pair(tmp_path_factory):
     """(target_dir, draft_dir): tiny Llama checkpoints sharing a 320-token BPE tokenizer; the draft is a
     noisy copy of the target so drafts are often accepted."""
-    from radar.decoding.model import Transformer
-
-    root = tmp_path_factory.mktemp("pair")
-    target = add_tokenizer(make_tiny_llama(root, vocab=320, eos=2, bos=1, max_pos=1024, name="target"))
-    model = Transformer.from_pretrained(target)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * p.std() * torch.randn(p.shape, generator=gen))
-    draft = root / "draft"
-    model.save_pretrained(draft)
-    add_tokenizer(draft)
-    return target, draft
+    return make_tiny_pair(tmp_path_factory.mktemp("pair"))
 
 
 @pytest.fixture(scope="session")

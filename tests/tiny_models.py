@@ -130,3 +130,21 @@ def hf_logits(path_or_model, input_ids: torch.Tensor) -> torch.Tensor:
 def random_ids(length: int, vocab: int = 128, batch: int = 1, seed: int = 0) -> torch.Tensor:
     """Deterministic random token ids of shape (batch, length)."""
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def make_tiny_pair(root: Path) -> tuple[Path, Path]:
+    """(target_dir, draft_dir): a tiny Llama with a 320-token BPE tokenizer and, as draft, a noisy copy of it
+    (so drafts are often accepted)."""
+    from radar.decoding.model import Transformer
+    from tiny_tokenizer import add_tokenizer
+
+    target = add_tokenizer(make_tiny_llama(root, vocab=320, eos=2, bos=1, max_pos=1024, name="target"))
+    model = Transformer.from_pretrained(target)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * p.std() * torch.randn(p.shape, generator=gen))
+    draft = root / "draft"
+    model.save_pretrained(draft)
+    add_tokenizer(draft)
+    return target, draft

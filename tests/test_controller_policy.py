@@ -26,16 +26,6 @@ from radar.decoding.tree import FixedDepth, TreeConfig, draft_pool
 
 from tiny_models import make_tiny_llama
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: one intra-op thread is fastest, and on a busy 2-core machine two threads spin against each
-    other (a 10 ms draft pool took 2.4 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 REFERENCE_SHAPES = {
     "lstm.weight_ih_l0": (512, 10),
     "lstm.weight_hh_l0": (512, 128),

@@ -25,14 +25,6 @@ from radar.controller.simulate import (
 CPU_COST = CostModel(T_0=1.0, T_f=0.25, T_eye=0.01, t_max=8, ar_step=1.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_records(dists: torch.Tensor, states: torch.Tensor | None = None) -> RecordSet:
     n, t_max, _ = dists.shape
     if states is None:

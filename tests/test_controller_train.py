@@ -17,14 +17,6 @@ CPU_COST = CostModel(T_0=1.0, T_f=0.25, T_eye=0.01, t_max=8, ar_step=1.0)
 SMALL = ControllerConfig(hidden_size=16, mlp_hidden=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_config_validation_and_presets():
     for bad in ({"variant": "ppo"}, {"baseline": "critic"}, {"schedule": "step"}, {"reward": "x"},
                 {"baseline": "group", "group_size": 1}, {"epochs": 0}, {"gamma": 1.5}, {"beta": 0.0}):

@@ -44,15 +44,6 @@ LLAMA3_ROPE = dict(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on busy shared cores their barriers stall for long."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def condition(path: Path, *, logit_gain: float = 1.0, residual_gain: float = 1.0, embed_gain: float = 1.0) -> Path:
     """Rescale a saved checkpoint in place (see the module docstring for why)."""
     file = path / "model.safetensors"

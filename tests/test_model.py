@@ -47,15 +47,6 @@ def tree_ancestry(parents: list[int]) -> tuple[torch.Tensor, list[int], list[lis
     return mask, [len(path) - 1 for path in paths], paths
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls run fastest on one thread, and stay fast when other processes load the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A GQA Llama checkpoint (4 query heads, 2 KV heads) shared by the cache and tree tests."""

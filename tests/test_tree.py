@@ -16,15 +16,6 @@ from radar.decoding.tree import DraftPool, FixedDepth, TreeConfig, build_tree, d
 from tiny_models import make_tiny_llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on busy shared cores their barriers stall for long."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 VOCAB = 32
 PENDING = torch.tensor([5, 9, 2])  # committed tokens the drafter has not seen, root (2) last
 ROOT_POSITION = 2

@@ -15,15 +15,6 @@ from radar.decoding.tree import DraftTree
 from radar.decoding.verify import Sampling, acceptance_distribution, next_token, target_probs, walk
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on busy shared cores their barriers stall for long."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_tree(parents: list[int], tokens: list[int]) -> DraftTree:
     """A DraftTree from parent indices (-1 = root, parents before children) and tokens; draft-side fields are dummies."""
     n = len(parents)

@@ -7,7 +7,7 @@ under the cost file measured here. Every stage skips work already on disk, so a 
 
     OMP_NUM_THREADS=1 python benchmarks/controller_demo.py --work ~/.cache/radar/controller-demo
 
-Writes benchmarks/results/controller-demo-t{0,1}.json (+ .png) and prints the tables.
+Writes benchmarks/results/controller-demo-t{0,1}[-h{hidden}].json (+ .png) and prints the tables.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -46,10 +46,11 @@ VARIANTS = {
 }
 
 
-def stage_costs(pair: ModelPair, work: Path) -> CostModel:
+def stage_costs(pair: ModelPair, work: Path, size: ControllerConfig) -> CostModel:
     path = work / "costs.json"
-    if not path.exists():
-        profile_costs(pair, t_max=T_MAX, k=K, total_tokens=TREE_TOKENS, repeats=50, out=path)
+    if not path.exists():  # T_eye is timed on a controller of the size trained here: its cost depends on the size
+        profile_costs(pair, t_max=T_MAX, k=K, total_tokens=TREE_TOKENS, repeats=50, out=path,
+                      controller=LSTMController(size))
     return CostModel.load(path)
 
 
@@ -66,32 +67,34 @@ def stage_collect(pair: ModelPair, work: Path, split: str, sets: tuple[str, ...]
     return out
 
 
-def stage_train(work: Path, name: str, records_path: Path, cost: CostModel, temperature: float, **overrides) -> Path:
+def stage_train(work: Path, name: str, records_path: Path, cost: CostModel, temperature: float,
+                size: ControllerConfig, **overrides) -> Path:
     out = work / f"controllers-t{temperature:g}" / name
     if not (out / "controller.json").exists():
         records = read_records(records_path)
         cfg = TrainConfig(gamma=0.99, lr=3e-3, epochs=100, batch_size=256, cost=cost, seed=0, **overrides)
         t = time.perf_counter()
-        controller, history = train(records, cfg, ControllerConfig(input_size=records.k), progress=False)
+        controller, history = train(records, cfg, size, progress=False)
         controller.save(out, meta={"train": cfg.to_dict(), "records": str(records_path),
                                    "train_s": time.perf_counter() - t})
     return out
 
 
-def run(work: Path, temperatures: list[float]) -> None:
+def run(work: Path, temperatures: list[float], hidden: int, variants: list[str]) -> None:
     torch.set_num_threads(1)
     target, draft = ensure_demo_pair()
     pair = ModelPair.load(target, draft, device="cpu", dtype="float32")
     pair.tree = replace(pair.tree, branching=K, max_calls=T_MAX, total_tokens=TREE_TOKENS)
-    cost = stage_costs(pair, work)
+    size = ControllerConfig(input_size=K, hidden_size=hidden, mlp_hidden=hidden)
+    cost = stage_costs(pair, work, size)
     print("costs:", cost.to_dict())
     for temperature in temperatures:
         train_path = stage_collect(pair, work, "train", TRAIN_SETS, temperature)
         test_path = stage_collect(pair, work, "test", TEST_SETS, temperature)
         fit, held = read_records(train_path), read_records(test_path)
         tables: dict[str, dict] = {}
-        for name, overrides in VARIANTS.items():
-            ctrl_dir = stage_train(work, name, train_path, cost, temperature, **overrides)
+        for name in variants:
+            ctrl_dir = stage_train(work, name, train_path, cost, temperature, size, **VARIANTS[name])
             result = simulate(held, cost, controller=LSTMController.load(ctrl_dir), train_records=fit)
             tables[name] = result.to_dict()
         best = max(tables, key=lambda n: tables[n]["policies"]["controller"]["speedup"])
@@ -103,10 +106,11 @@ def run(work: Path, temperatures: list[float]) -> None:
         for name, s in summary.items():
             print(f"  {name:<22} controller {s['speedup']:.3f}x, {s['mean_calls']:.2f} calls")
         RESULTS.mkdir(exist_ok=True)
-        out = RESULTS / f"controller-demo-t{temperature:g}.json"
+        suffix = "" if hidden == 128 else f"-h{hidden}"
+        out = RESULTS / f"controller-demo-t{temperature:g}{suffix}.json"
         out.write_text(json.dumps({
             "temperature": temperature, "train_sets": TRAIN_SETS, "test_sets": TEST_SETS,
-            "train_records": len(fit), "test_records": len(held), "costs": cost.to_dict(),
+            "train_records": len(fit), "test_records": len(held), "controller": asdict(size), "costs": cost.to_dict(),
             "best": best, "table": final.to_dict(), "variants": tables,
         }, indent=1) + "\n")
         plot(final, out.with_suffix(".png"))
@@ -116,8 +120,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "radar" / "controller-demo")
     ap.add_argument("--temperatures", default="0,1")
+    ap.add_argument("--hidden", type=int, default=128, help="LSTM and head hidden size (reference: 128)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
     args = ap.parse_args()
-    run(args.work, [float(t) for t in args.temperatures.split(",")])
+    variants = args.variants.split(",")
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
+    run(args.work, [float(t) for t in args.temperatures.split(",")], args.hidden, variants)
 
 
 if __name__ == "__main__":

@@ -255,19 +255,31 @@ def test_controller_policy_decisions_match_its_view_of_the_pool(tiny_drafter):
 
 
 @pytest.mark.parametrize("layers", [1, 2])
-def test_numpy_step_matches_the_torch_step_over_a_cycle(layers):
-    from radar.controller.policy import NumpyStep
+def test_cpu_step_matches_the_torch_step_over_a_cycle(layers):
+    from radar.controller.cpu_step import CpuStep
 
     torch.manual_seed(layers)
     controller = LSTMController(ControllerConfig(input_size=4, hidden_size=24, mlp_hidden=12, num_layers=layers)).eval()
-    fast = NumpyStep(controller)
-    hc_t, hc_n = None, None
+    cpu = CpuStep(controller)
+    hc = None
     for step in range(6):
-        scores = torch.randn(3 + step) * 3 - 4
+        scores = torch.randn(3 + step) * 3 - 4  # fewer and more scores than k
         scores[0] = float("-inf")
+        if step == 2:
+            scores[1] = float("nan")
         with torch.no_grad():
-            logits_t, hc_t = controller.step(frontier_state(scores, 4), hc_t)
-        state = fast.state(scores)
-        assert np.allclose(state, frontier_state(scores, 4).numpy())
-        logits_n, hc_n = fast.step(state, hc_n)
-        assert np.allclose(logits_n, logits_t.numpy(), atol=1e-5)
+            logits, hc = controller.step(frontier_state(scores, 4), hc)
+        margin = cpu.decide(scores.numpy(), fresh=step == 0)
+        assert margin == pytest.approx(float(logits[1] - logits[0]), abs=1e-5)
+        assert np.allclose(cpu.h, hc[0][:, 0].numpy(), atol=1e-6)
+        assert np.allclose(cpu.c, hc[1][:, 0].numpy(), atol=1e-6)
+
+
+def test_cpu_step_starts_a_fresh_cycle_from_zero_state():
+    from radar.controller.cpu_step import CpuStep
+
+    cpu = CpuStep(seeded_controller(3, input_size=4))
+    scores = np.array([-0.1, -0.7, -2.0], np.float32)
+    first = cpu.decide(scores, fresh=True)
+    cpu.decide(scores, fresh=False)
+    assert cpu.decide(scores, fresh=True) == first

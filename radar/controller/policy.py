@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -253,63 +253,30 @@ def load_controller(path: str | Path, map_location: str | torch.device = "cpu") 
     return LSTMController.load_reference(p, map_location=map_location)
 
 
-class NumpyStep:
-    """`LSTMController.step` in NumPy for CPU inference. A decision is ~15 operations on vectors of a few hundred
-    floats, so per-operation dispatch is the whole cost: NumPy's is several times lower than PyTorch's, and T_eye is
-    paid before every draft call. Weights are read from the controller when this is built (zero-copy where possible).
-    """
-
-    def __init__(self, controller: LSTMController):
-        lstm, cfg = controller.lstm, controller.config
-        with torch.no_grad():
-            self.layers = [
-                (torch.cat((getattr(lstm, f"weight_ih_l{i}"), getattr(lstm, f"weight_hh_l{i}")), 1).float().numpy(),
-                 (getattr(lstm, f"bias_ih_l{i}") + getattr(lstm, f"bias_hh_l{i}")).float().numpy())
-                for i in range(cfg.num_layers)
-            ]
-            first, last = controller.mlp[0], controller.mlp[3]
-            self.head = [t.detach().float().numpy() for t in (first.weight, first.bias, last.weight, last.bias)]
-        self.k, self.hidden = cfg.input_size, cfg.hidden_size
-
-    def state(self, frontier_scores: torch.Tensor) -> np.ndarray:
-        """`frontier_state` in NumPy (same padding, clamping and order)."""
-        s = np.fmax(frontier_scores.detach().numpy().ravel(), PAD_LOGPROB)  # fmax maps NaN and -inf to the pad
-        s = np.sort(s)[::-1][: self.k].astype(np.float32, copy=False)
-        if s.size < self.k:
-            s = np.concatenate((s, np.full(self.k - s.size, PAD_LOGPROB, np.float32)))
-        return s
-
-    def step(self, x: np.ndarray, hc: list[tuple[np.ndarray, np.ndarray]] | None):
-        """(logits (2,), new per-layer (h, c)) for state x; hc None starts a cycle."""
-        h_dim = self.hidden
-        if hc is None:
-            hc = [(np.zeros(h_dim, np.float32), np.zeros(h_dim, np.float32))] * len(self.layers)
-        out, inp = [], x
-        for (w, b), (h, c) in zip(self.layers, hc):
-            gates = w @ np.concatenate((inp, h)) + b
-            sig = 0.5 + 0.5 * np.tanh(0.5 * gates)  # sigmoid without exp overflow; gates: input, forget, cell, output
-            c = sig[h_dim : 2 * h_dim] * c + sig[:h_dim] * np.tanh(gates[2 * h_dim : 3 * h_dim])
-            inp = sig[3 * h_dim :] * np.tanh(c)
-            out.append((inp, c))
-        w1, b1, w2, b2 = self.head
-        z = np.maximum(w1 @ np.concatenate((inp, x)) + b1, 0.0)
-        return w2 @ z + b2, out
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))  # no overflow either way
 
 
 class ControllerPolicy:
     """`StopPolicy` backed by an `LSTMController`: one LSTM step per decision, LSTM state reset every cycle.
 
     `greedy=True` takes the argmax action (continue when logit[1] > logit[0]); `greedy=False` samples it, as the
-    reference does at inference, from its own `torch.Generator` seeded with `seed`. Puts the controller in eval
-    mode. Counters: `decisions`, `continues`, `cycles`.
+    reference does at inference, from its own generator seeded with `seed`. On the CPU a decision is one compiled
+    call (`CpuStep`), elsewhere the PyTorch step. Puts the controller in eval mode. Counters: `decisions`,
+    `continues`, `cycles`.
     """
 
     def __init__(self, controller: LSTMController, greedy: bool = True, seed: int = 0):
         self.controller = controller.eval()
         self.greedy = greedy
         self.device = next(controller.parameters()).device
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
-        self.fast = NumpyStep(controller) if self.device.type == "cpu" else None
+        self.rng = random.Random(seed)  # a draw costs ~0.1 us, against ~10 us for a torch.rand in the loop
+        if self.device.type == "cpu":
+            from radar.controller.cpu_step import CpuStep  # imports this module: a top-level import would cycle
+
+            self.cpu = CpuStep(controller)
+        else:
+            self.cpu = None
         self.hc = None
         self.decisions = self.continues = self.cycles = 0
 
@@ -317,25 +284,26 @@ class ControllerPolicy:
         self.hc = None
         self.cycles += 1
 
-    @torch.inference_mode()
     def decide(self, calls: int, frontier_scores: torch.Tensor) -> bool:
-        if calls <= 1:  # a cycle's first decision: never carry LSTM state over from the previous cycle
-            self.hc = None
-        if self.fast is not None and frontier_scores.device.type == "cpu":
-            logits, self.hc = self.fast.step(self.fast.state(frontier_scores), self.hc)
-            stop, cont_logit = float(logits[STOP]), float(logits[CONTINUE])
+        # Every line here is paid before every draft call (T_eye), so the CPU path avoids torch calls altogether.
+        if self.cpu is not None and not frontier_scores.is_cuda:
+            scores = frontier_scores.detach() if frontier_scores.requires_grad else frontier_scores
+            margin = self.cpu.decide(scores.numpy(), calls <= 1)
         else:
-            state = frontier_state(frontier_scores, self.controller.k).to(self.device)
-            logits, self.hc = self.controller.step(state, self.hc)
-            stop, cont_logit = logits.float().tolist()[STOP], logits.float().tolist()[CONTINUE]
-        if self.greedy:
-            cont = cont_logit > stop
-        else:
-            p_cont = 1.0 / (1.0 + math.exp(stop - cont_logit))  # softmax over (stop, continue)
-            cont = float(torch.rand((), generator=self.generator)) < p_cont
+            margin = self._torch_margin(calls, frontier_scores)
+        cont = margin > 0 if self.greedy else self.rng.random() < _sigmoid(margin)
         self.decisions += 1
         self.continues += cont
         return cont
+
+    @torch.inference_mode()
+    def _torch_margin(self, calls: int, frontier_scores: torch.Tensor) -> float:
+        if calls <= 1:  # a cycle's first decision: never carry LSTM state over from the previous cycle
+            self.hc = None
+        state = frontier_state(frontier_scores, self.controller.k).to(self.device)
+        logits, self.hc = self.controller.step(state, self.hc)
+        values = logits.float().tolist()
+        return values[CONTINUE] - values[STOP]
 
     @property
     def stats(self) -> dict[str, float]:

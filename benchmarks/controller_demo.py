@@ -34,6 +34,7 @@ from radar.platform.prompts import load_prompts
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAIN_SETS, TEST_SETS = ("mt_bench", "alpaca"), ("gsm8k", "mbpp")
 T_MAX, K, TREE_TOKENS = 8, 2, 12
+REFERENCE_HIDDEN = ControllerConfig().hidden_size
 
 # What is compared: the reference algorithm as published, then our switches one by one. Same optimiser settings
 # for all (100 epochs, lr 3e-3, batch 256, gamma 0.99); alpha 0.02 (per-call penalty, in units of the t_max
@@ -106,7 +107,7 @@ def run(work: Path, temperatures: list[float], hidden: int, variants: list[str])
         for name, s in summary.items():
             print(f"  {name:<22} controller {s['speedup']:.3f}x, {s['mean_calls']:.2f} calls")
         RESULTS.mkdir(exist_ok=True)
-        suffix = "" if hidden == 128 else f"-h{hidden}"
+        suffix = "" if hidden == REFERENCE_HIDDEN else f"-h{hidden}"
         out = RESULTS / f"controller-demo-t{temperature:g}{suffix}.json"
         out.write_text(json.dumps({
             "temperature": temperature, "train_sets": TRAIN_SETS, "test_sets": TEST_SETS,
@@ -120,7 +121,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "radar" / "controller-demo")
     ap.add_argument("--temperatures", default="0,1")
-    ap.add_argument("--hidden", type=int, default=128, help="LSTM and head hidden size (reference: 128)")
+    ap.add_argument("--hidden", type=int, default=REFERENCE_HIDDEN,
+                    help="LSTM and head hidden size (default: the reference's)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
     args = ap.parse_args()
     variants = args.variants.split(",")

@@ -286,7 +286,7 @@ class ControllerPolicy:
 
     def decide(self, calls: int, frontier_scores: torch.Tensor) -> bool:
         # Every line here is paid before every draft call (T_eye), so the CPU path avoids torch calls altogether.
-        if self.cpu is not None and not frontier_scores.is_cuda:
+        if self.cpu is not None and frontier_scores.is_cpu:
             scores = frontier_scores.detach() if frontier_scores.requires_grad else frontier_scores
             margin = self.cpu.decide(scores.numpy(), calls <= 1)
         else:

@@ -1,4 +1,4 @@
-"""Collection scaling: records/s of `radar.actors.collect_dataset` in this process and with 1 and 2 Ray actors.
+"""Collection scaling: records/s of `radar.cluster.collect_dataset` in this process and with 1 and 2 Ray actors.
 
 One run, one local Ray instance, the same prompts and settings for every row; each row collects into a fresh
 directory, and its records are checked identical to the in-process row's. Actor start-up (a new process importing
@@ -38,7 +38,7 @@ def actor_startup(config, workers: int, cpus: float) -> float:
     """Seconds to start `workers` collection actors and have each load the pair (then they are killed)."""
     import ray
 
-    from radar.actors.collect import CollectWorker
+    from radar.cluster.collect import CollectWorker
 
     t0 = time.perf_counter()
     remote = ray.remote(CollectWorker).options(num_cpus=cpus)
@@ -74,9 +74,9 @@ def main() -> None:
     import ray
     import torch
 
-    from radar.actors.collect import CollectConfig, collect_dataset
+    from radar.cluster.collect import CollectConfig, collect_dataset
     from radar.controller.dataset import read_records
-    from radar.platform.prompts import load_prompts
+    from radar.common.prompts import load_prompts
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-collect-"))

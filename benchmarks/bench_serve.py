@@ -119,7 +119,7 @@ def start_server(args) -> tuple[str, dict]:
     """Start Ray and Serve locally with the pair from the arguments; returns (base URL, the config used)."""
     import ray
 
-    from radar.platform.models import model_paths
+    from radar.ops.models import model_paths
     from radar.serve.app import ServeConfig, run
 
     target, draft = model_paths(args.model, args.draft)
@@ -139,7 +139,7 @@ def start_server(args) -> tuple[str, dict]:
 
 
 async def bench(args, url: str) -> dict:
-    from radar.platform.prompts import load_prompts
+    from radar.common.prompts import load_prompts
 
     prompts = [p.text for p in load_prompts(args.prompts, args.limit)]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}

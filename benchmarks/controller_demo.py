@@ -28,8 +28,8 @@ from radar.controller.profile import profile_costs
 from radar.controller.simulate import plot, simulate
 from radar.controller.train import TrainConfig, train
 from radar.decoding.pair import ModelPair
-from radar.platform.demo_models import ensure_demo_pair
-from radar.platform.prompts import load_prompts
+from radar.ops.demo_pair import ensure_demo_pair
+from radar.common.prompts import load_prompts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAIN_SETS, TEST_SETS = ("mt_bench", "alpaca"), ("gsm8k", "mbpp")

@@ -1,5 +1,5 @@
 """`python -m radar` is the `radar` command."""
 
-from radar.platform.cli import app
+from radar.cli.app import app
 
 app()

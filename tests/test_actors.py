@@ -1,4 +1,4 @@
-"""Distributed collection (radar.actors.collect) on the session's local Ray: sharded records equal the single-process
+"""Distributed collection (radar.cluster.collect) on the session's local Ray: sharded records equal the single-process
 ones, killed workers lose and duplicate nothing, reruns resume, and user mistakes are one-line errors."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import pytest
 import ray
 from typer.testing import CliRunner
 
-from radar.actors.collect import MANIFEST, CollectConfig, CollectError, collect_dataset, read_manifest
+from radar.cluster.collect import MANIFEST, CollectConfig, CollectError, collect_dataset, read_manifest
 from radar.controller.collect import collect_records
 from radar.controller.dataset import RecordSet, read_records
 from radar.decoding.pair import ModelPair
-from radar.platform.cli import app
-from radar.platform.prompts import load_prompts
+from radar.cli.app import app
+from radar.common.prompts import load_prompts
 
 runner = CliRunner()
 N_PROMPTS, T_MAX, K, N_NEW = 6, 4, 4, 12

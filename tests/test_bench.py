@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from radar.platform.cli import app
+from radar.cli.app import app
 
 METHODS = ["ar", "hf", "hf-assisted", "chain:2", "tree:3"]
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from radar.platform.cli import app
+from radar.cli.app import app
 from tiny_models import make_tiny_llama
 from tiny_tokenizer import add_tokenizer
 

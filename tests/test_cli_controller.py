@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from radar.platform.cli import app
+from radar.cli.app import app
 
 runner = CliRunner()
 

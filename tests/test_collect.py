@@ -41,7 +41,7 @@ from radar.decoding.model import Transformer
 from radar.decoding.pair import ModelPair
 from radar.decoding.tree import FixedDepth, TreeConfig
 from radar.decoding.verify import Sampling
-from radar.platform.prompts import Prompt
+from radar.common.prompts import Prompt
 
 from tiny_tokenizer import add_tokenizer
 

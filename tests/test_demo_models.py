@@ -1,4 +1,4 @@
-"""Specification of radar.platform.demo_models: the reproducible demo target + draft pair, on a tiny config.
+"""Specification of radar.ops.demo_pair: the reproducible demo target + draft pair, on a tiny config.
 
 A tiny build (small corpus cap, 64-wide models, a few steps) takes a few seconds; the session fixture builds it
 once through `ensure_demo_pair` and the determinism test builds it a second time with `build_demo_pair`.
@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from radar.decoding.model import Transformer
-from radar.platform import demo_models
-from radar.platform.demo_models import DemoConfig, build_demo_pair, default_demo_dir, ensure_demo_pair
+from radar.ops import demo_pair as demo_models
+from radar.ops.demo_pair import DemoConfig, build_demo_pair, default_demo_dir, ensure_demo_pair
 
 TINY = DemoConfig(
     threads=1,

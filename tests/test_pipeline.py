@@ -1,4 +1,4 @@
-"""`radar demo` as the whole pipeline (radar.platform.pipeline) on the tiny pair: a failed stage keeps the earlier
+"""`radar demo` as the whole pipeline (radar.demo.pipeline) on the tiny pair: a failed stage keeps the earlier
 ones and a rerun resumes from it, the finished run benchmarks radar with the registered champion, a rerun skips
 every stage, and the command prints the tables. The tests share one work directory and run in file order, each
 starting from the state the previous one left."""
@@ -12,8 +12,8 @@ import pytest
 import ray
 from typer.testing import CliRunner
 
-from radar.platform.cli import app
-from radar.platform.pipeline import STAGES, DemoRunConfig, StageError, run_demo
+from radar.cli.app import app
+from radar.demo.pipeline import STAGES, DemoRunConfig, StageError, run_demo
 
 # Every knob here is also a `radar demo` option, so the command can be run on the same directory. 5 prompts per set
 # make 2 shards of 8, one per collection actor.
@@ -47,7 +47,7 @@ def test_a_failed_stage_names_itself_and_keeps_the_stages_before_it(work, monkey
     def broken_sweep(cfg):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr("radar.tune_space.sweep.run_sweep", broken_sweep)
+    monkeypatch.setattr("radar.cluster.tune.sweep.run_sweep", broken_sweep)
     lines: list[str] = []
     with pytest.raises(StageError) as info:
         run_demo(work, log=lines.append, report=False)
@@ -79,7 +79,7 @@ def test_the_rerun_resumes_at_the_failed_stage_and_benchmarks_radar_with_the_cha
     # The champion is the better of the two candidates, and the registry's @champion is the version registered here.
     import mlflow
 
-    from radar.platform.tracking import tracking_uri
+    from radar.common.tracking import tracking_uri
 
     speedups = result.simulation["controller_speedups"]
     assert set(speedups) == {"trained", "tuned"} and speedups[result.simulation["champion"]] == max(speedups.values())
@@ -112,7 +112,7 @@ def test_the_command_reports_a_failed_stage_in_one_line_and_the_same_command_res
     args = demo_args(work)
     args[args.index("--repeats") + 1] = "2"  # new bench settings: only the bench runs again
     with monkeypatch.context() as mp:
-        mp.setattr("radar.platform.bench.run_bench", broken_bench)
+        mp.setattr("radar.ops.bench.run_bench", broken_bench)
         failed = CliRunner().invoke(app, args)
     assert failed.exit_code == 1
     assert "stage 'bench' failed: injected bench failure" in failed.stderr and "Traceback" not in failed.stderr

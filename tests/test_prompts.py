@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from radar.platform.prompts import BUNDLED, PromptFileError, load_prompts
+from radar.common.prompts import BUNDLED, PromptFileError, load_prompts
 
 
 @pytest.mark.parametrize("name", BUNDLED)

@@ -12,8 +12,8 @@ from radar.controller.policy import ControllerConfig, LSTMController
 from radar.decoding.generate import Method
 from radar.decoding.pair import ModelPair
 from radar.decoding.verify import Sampling
-from radar.platform.cli import app
-from radar.platform.models import attach_controller
+from radar.cli.app import app
+from radar.ops.models import attach_controller
 from tiny_models import random_ids
 
 runner = CliRunner()

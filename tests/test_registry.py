@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from radar.controller.dataset import synthetic_records, write_records
 from radar.controller.policy import ControllerConfig, LSTMController, load_controller
-from radar.platform import tracking
+from radar.common import tracking
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_register_and_download_round_trip_by_alias_and_version(registry):
 
 
 def test_controller_path_resolves_a_registry_uri_for_bench(registry):
-    from radar.platform.models import controller_path
+    from radar.ops.models import controller_path
 
     _, d = _controller(registry, "c3", seed=3)
     tracking.register_controller(d)
@@ -97,7 +97,7 @@ def test_an_unreachable_tracking_server_is_a_one_line_error(monkeypatch):
 def test_train_logs_params_metrics_and_the_controller_to_mlflow(registry):
     import mlflow
 
-    from radar.platform.cli import app
+    from radar.cli.app import app
 
     write_records(synthetic_records(160, t_max=4, k=4, seed=0), registry / "records")
     (registry / "costs.json").write_text('{"T_0": 0.01, "T_f": 0.002, "T_eye": 0.0002, "t_max": 4}')

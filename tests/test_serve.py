@@ -109,7 +109,7 @@ def assert_error(r: httpx.Response, status: int, *words: str) -> dict:
 
 def test_completion_equals_radar_generate_json(server):
     result = CliRunner().invoke(
-        __import__("radar.platform.cli", fromlist=["app"]).app,
+        __import__("radar.cli.app", fromlist=["app"]).app,
         ["generate", "--prompt", PROMPT, "--model", str(server.target), "--draft", str(server.draft),
          "--method", "radar", "--controller", str(server.controller), "--max-new-tokens", str(N), "--json"],
     )
@@ -187,7 +187,7 @@ def test_streamed_chunks_arrive_while_decoding(server):
 def test_chat_uses_the_plain_template_and_completions_the_raw_prompt(server):
     from radar.decoding.pair import PLAIN_TEMPLATE
     from radar.decoding.verify import Sampling
-    from radar.platform.models import load_decoder
+    from radar.ops.models import load_decoder
 
     pair = load_decoder(server.target, server.draft, server.controller, device="cpu")
     question = "What is the capital of France?"
@@ -357,7 +357,7 @@ def test_detokenizer_pieces_add_up_to_the_decoded_text(tiny_pair):
 
 
 def test_radar_serve_cli_builds_the_config_from_file_and_flags(monkeypatch, tmp_path, tiny_pair):
-    import radar.platform.cli as cli
+    import radar.cli.app as cli
     import radar.serve.app as serve_app
 
     seen = {}

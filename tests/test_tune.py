@@ -12,9 +12,9 @@ from radar.controller.dataset import read_records, synthetic_records, train_test
 from radar.controller.mdp import CostModel
 from radar.controller.policy import load_controller
 from radar.controller.simulate import controller_depths, evaluate_depths, simulate
-from radar.platform import tracking
-from radar.platform.cli import app
-from radar.tune_space import grid_space, param_space, scaled_cost, trial_configs
+from radar.common import tracking
+from radar.cli.app import app
+from radar.cluster.tune import grid_space, param_space, scaled_cost, trial_configs
 
 runner = CliRunner()
 COSTS = {"T_0": 0.01, "T_f": 0.002, "T_eye": 0.0002, "t_max": 4}

@@ -42,7 +42,7 @@ from radar.decoding.generate import _budget, _finish, commit_path, verify_tree
 from radar.decoding.pair import ModelPair
 from radar.decoding.tree import DraftPool, DraftTree, FixedDepth, TreeConfig, draft_pool, induced_tree, select_tree
 from radar.decoding.verify import Sampling, acceptance_distribution, target_probs, walk
-from radar.platform.prompts import Prompt
+from radar.common.prompts import Prompt
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:

@@ -391,7 +391,7 @@ class Outcome:
 
 def load_decoder_for(cfg: ServeConfig):
     """The ModelPair for `cfg`, with a controller when one is given or bundled; returns (pair, radar_available)."""
-    from radar.platform.models import BUNDLED_CONTROLLER, bundled_controller_available, load_decoder
+    from radar.ops.models import BUNDLED_CONTROLLER, bundled_controller_available, load_decoder
 
     controller = cfg.controller
     if controller is None and not bundled_controller_available():

@@ -38,7 +38,7 @@ def user_errors():
 
 def _model_paths(model: Optional[Path], draft: Optional[Path]) -> tuple[Path, Optional[Path]]:
     if model is None:
-        from radar.platform.demo_models import ensure_demo_pair
+        from radar.ops.demo_pair import ensure_demo_pair
 
         if draft is not None:
             raise UserError("--draft given without --model: name the target too")
@@ -69,7 +69,7 @@ def generate(
     from radar.decoding.generate import Method
     from radar.decoding.pair import ModelPair
     from radar.decoding.verify import Sampling
-    from radar.platform.models import attach_controller
+    from radar.ops.models import attach_controller
 
     with user_errors():
         parsed = Method.parse(method)
@@ -125,15 +125,15 @@ def run_benchmark(cfg, out: Optional[Path], track: bool, title: str) -> dict:
     from rich.progress import Progress
 
     from radar.decoding.pair import ModelPair
-    from radar.platform.bench import HF_METHODS, HFRunner, run_bench
-    from radar.platform.prompts import load_prompts
+    from radar.ops.bench import HF_METHODS, HFRunner, run_bench
+    from radar.common.prompts import load_prompts
 
     prompts = load_prompts(cfg.prompts, cfg.limit)
     model, draft = _model_paths(Path(cfg.model) if cfg.model else None, Path(cfg.draft) if cfg.draft else None)
     cfg.model, cfg.draft = str(model), str(draft) if draft else None
     pair = ModelPair.load(model, draft, device=cfg.device, dtype=cfg.dtype)
     if "radar" in cfg.methods:
-        from radar.platform.models import attach_controller
+        from radar.ops.models import attach_controller
 
         attach_controller(pair, cfg.controller)
     if cfg.tree_tokens is not None:
@@ -148,7 +148,7 @@ def run_benchmark(cfg, out: Optional[Path], track: bool, title: str) -> dict:
         out.write_text(json.dumps(result, indent=1) + "\n")
         err.print(f"results written to {out}")
     if track:
-        from radar.platform import tracking
+        from radar.common import tracking
 
         with tracking.run("radar-bench", params=asdict(cfg)):
             tracking.log_metrics({m: {k: v for k, v in r.items() if k != "outputs"} for m, r in result["methods"].items()})
@@ -177,7 +177,7 @@ def bench(
     track: bool = typer.Option(True, help="Log the run to MLflow."),
 ) -> None:
     """Benchmark decoding methods side by side on the same prompts, in one run."""
-    from radar.platform.bench import BenchConfig
+    from radar.ops.bench import BenchConfig
 
     with user_errors():
         cfg = BenchConfig(
@@ -196,7 +196,7 @@ def demo_models(
 ) -> None:
     """Train the demo tokenizer, target and distilled draft (about 10 minutes on 2 CPU cores); a complete pair
     built with the same settings is reused (delete the directory to rebuild)."""
-    from radar.platform.demo_models import DemoConfig, ensure_demo_pair
+    from radar.ops.demo_pair import DemoConfig, ensure_demo_pair
 
     with user_errors():
         target, draft = ensure_demo_pair(DemoConfig(seed=seed), out)
@@ -229,7 +229,7 @@ def demo(
     from rich.markup import escape
 
     from radar.decoding.model import ModelLoadError
-    from radar.platform.pipeline import DemoRunConfig, StageError, run_demo
+    from radar.demo.pipeline import DemoRunConfig, StageError, run_demo
 
     with user_errors():
         cfg = DemoRunConfig(work_dir=str(work_dir), model=str(model) if model else None,
@@ -302,8 +302,8 @@ def collect(
     a rerun into the same --out skips the finished shards."""
     import os
 
-    from radar.actors.collect import CollectConfig, CollectError, collect_dataset, connect
-    from radar.platform.prompts import load_prompts
+    from radar.cluster.collect import CollectConfig, CollectError, collect_dataset, connect
+    from radar.common.prompts import load_prompts
 
     with user_errors():
         items = load_prompts(prompts, limit)
@@ -353,7 +353,7 @@ def train(
     from radar.controller.mdp import CostModel
     from radar.controller.policy import ControllerConfig
     from radar.controller.train import TrainConfig, train as train_controller
-    from radar.platform import tracking
+    from radar.common import tracking
 
     with user_errors():
         records = read_records(data)
@@ -453,8 +453,8 @@ def tune(
 ) -> None:
     """Sweep the controller's hyperparameters with Ray Tune (Optuna or random/grid search, ASHA early stopping),
     scoring each trial by its simulated held-out speedup; register the best controller in MLflow."""
-    from radar.platform import tracking
-    from radar.tune_space.sweep import SweepConfig, best_result, register_best, run_sweep, trial_rows, unfinished
+    from radar.common import tracking
+    from radar.cluster.tune.sweep import SweepConfig, best_result, register_best, run_sweep, trial_rows, unfinished
 
     with user_errors():
         if register and not track:
@@ -517,7 +517,7 @@ def serve_command(
     """Serve the decoder behind an OpenAI-compatible HTTP API (Ray Serve), in the foreground; Ctrl-C stops it."""
     from pydantic import ValidationError
 
-    from radar.platform.models import BUNDLED_CONTROLLER, bundled_controller_available, controller_path, model_paths
+    from radar.ops.models import BUNDLED_CONTROLLER, bundled_controller_available, controller_path, model_paths
     from radar.serve.app import ServeConfig, config_fields_from_file
 
     with user_errors():

@@ -183,7 +183,7 @@ def _controller_digest(path: Path) -> str | None:
 
 def _records_digest(path: Path) -> str | None:
     """The collection's manifest plus every shard's name and size (the manifest lists the finished shards)."""
-    from radar.actors.collect import MANIFEST as COLLECT_MANIFEST
+    from radar.cluster.collect import MANIFEST as COLLECT_MANIFEST
 
     manifest = path / COLLECT_MANIFEST
     if not manifest.is_file():
@@ -284,7 +284,7 @@ class DemoPipeline:
         """Where this run logs, part of the inputs of every stage that logs (another store means running again)."""
         if not self.cfg.track:
             return None
-        from radar.platform.tracking import tracking_uri
+        from radar.common.tracking import tracking_uri
 
         uri = tracking_uri()
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -358,7 +358,7 @@ class DemoPipeline:
         if ray.is_initialized():
             return
         if os.environ.get("RAY_ADDRESS"):
-            from radar.actors.collect import connect
+            from radar.cluster.collect import connect
 
             self._ray_started = connect(None)
             return
@@ -383,7 +383,7 @@ class DemoPipeline:
         t0 = time.perf_counter()
         try:
             if self.cfg.model is None:
-                from radar.platform.demo_models import ensure_demo_pair
+                from radar.ops.demo_pair import ensure_demo_pair
 
                 target, draft = ensure_demo_pair()
             else:
@@ -436,7 +436,7 @@ class DemoPipeline:
 
     def stage_collect(self, pair: dict) -> dict:
         """Records of every decoding cycle on the first `limit_per_set` prompts of each set, on Ray actors."""
-        from radar.actors.collect import CollectConfig
+        from radar.cluster.collect import CollectConfig
 
         cfg, out = self.cfg, self.work / "records"
         config = CollectConfig(model=pair["target"], draft=pair["draft"], prompts="+".join(cfg.collect_sets),
@@ -447,8 +447,8 @@ class DemoPipeline:
                   **{k: v for k, v in config.to_dict().items() if k not in ("model", "draft", "prompts")}}
 
         def run(resume: bool) -> dict:
-            from radar.actors.collect import collect_dataset
-            from radar.platform.prompts import Prompt, load_prompts
+            from radar.cluster.collect import collect_dataset
+            from radar.common.prompts import Prompt, load_prompts
 
             # Ids prefixed with the set: sets may reuse ids, and the held-out split groups records by prompt id.
             groups = [[Prompt(f"{s}/{p.id}", p.text, p.source) for p in load_prompts(s, cfg.limit_per_set)]
@@ -486,7 +486,7 @@ class DemoPipeline:
             from radar.controller.mdp import CostModel
             from radar.controller.policy import ControllerConfig
             from radar.controller.train import TrainConfig, train
-            from radar.platform import tracking
+            from radar.common import tracking
 
             all_records, fit, held = self._split(records["path"])
             tcfg = TrainConfig(variant=cfg.variant, alpha=cfg.alpha, gamma=cfg.gamma, lr=cfg.lr, epochs=cfg.epochs,
@@ -525,8 +525,8 @@ class DemoPipeline:
 
         def run(resume: bool) -> dict:
             from radar.controller.policy import CONFIG_FILE, WEIGHTS_FILE
-            from radar.tune_space.space import METRIC, MODE
-            from radar.tune_space.sweep import SweepConfig, _trial_run_id, best_result, run_sweep, unfinished
+            from radar.cluster.tune.space import METRIC, MODE
+            from radar.cluster.tune.sweep import SweepConfig, _trial_run_id, best_result, run_sweep, unfinished
 
             sweep = SweepConfig(data=records["path"], num_samples=cfg.trials, search=TUNE_SEARCH, space=TUNE_SPACE,
                                 costs=costs["path"], epochs=cfg.tune_epochs, batch_size=cfg.tune_batch_size,
@@ -548,7 +548,7 @@ class DemoPipeline:
             trial_id = str(best.metrics.get("trial_id", ""))
             run_id = None
             if cfg.track and trial_id:
-                from radar.platform.tracking import registry_errors
+                from radar.common.tracking import registry_errors
 
                 with registry_errors("looking up the best trial's MLflow run"):
                     run_id = _trial_run_id(trial_id)
@@ -576,7 +576,7 @@ class DemoPipeline:
             from radar.controller.mdp import CostModel
             from radar.controller.policy import load_controller
             from radar.controller.simulate import simulate
-            from radar.platform import tracking
+            from radar.common import tracking
 
             _, fit, held = self._split(records["path"])
             cost = CostModel.load(costs["path"])
@@ -620,7 +620,7 @@ class DemoPipeline:
         try:
             import mlflow
 
-            from radar.platform.tracking import CHAMPION, REGISTERED_MODEL, tracking_uri
+            from radar.common.tracking import CHAMPION, REGISTERED_MODEL, tracking_uri
 
             client = mlflow.MlflowClient(tracking_uri())
             return int(client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).version)
@@ -655,9 +655,9 @@ class DemoPipeline:
         from rich.console import Console
         from rich.progress import Progress
 
-        from radar.platform.bench import HF_METHODS, BenchConfig, HFRunner, run_bench
-        from radar.platform.models import attach_controller
-        from radar.platform.prompts import load_prompts
+        from radar.ops.bench import HF_METHODS, BenchConfig, HFRunner, run_bench
+        from radar.ops.models import attach_controller
+        from radar.common.prompts import load_prompts
 
         cfg = self.cfg
         bench_cfg = BenchConfig(prompts=cfg.bench_prompts, limit=cfg.bench_limit, max_new_tokens=cfg.max_new_tokens,
@@ -674,7 +674,7 @@ class DemoPipeline:
             result = run_bench(model_pair, prompts, bench_cfg, hf, on_step=lambda m: progress.advance(task))
         if not cfg.track:
             return result, None
-        from radar.platform import tracking
+        from radar.common import tracking
 
         with tracking.run("radar-bench", run_name="demo", params={**asdict(bench_cfg), "source": "radar demo"}) as run:
             tracking.log_metrics({m: {k: v for k, v in r.items() if k != "outputs"}
@@ -725,7 +725,7 @@ def print_report(result: DemoResult) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from radar.platform.cli import _print_bench_table
+    from radar.cli.app import _print_bench_table
 
     out = Console()
     cfg = result.bench["config"]

@@ -18,7 +18,7 @@ BUNDLED_CONTROLLER = Path(__file__).resolve().parent.parent / "data" / "demo-con
 def model_paths(model: str | Path | None, draft: str | Path | None) -> tuple[Path, Path | None]:
     """The target and draft directories: as given, or the demo pair (built on first use) when no model is given."""
     if model is None:
-        from radar.platform.demo_models import ensure_demo_pair
+        from radar.ops.demo_pair import ensure_demo_pair
 
         if draft is not None:
             raise ValueError("--draft given without --model: name the target too")
@@ -39,7 +39,7 @@ def controller_path(spec: str | Path | None) -> Path:
         return BUNDLED_CONTROLLER
     text = str(spec)
     if text.startswith("models:/"):
-        from radar.platform.tracking import download_controller
+        from radar.common.tracking import download_controller
 
         return download_controller(text)
     path = Path(text)

@@ -12,7 +12,7 @@ from radar.controller.mdp import CostModel
 from radar.controller.policy import ControllerConfig, LSTMController
 from radar.controller.simulate import controller_depths, evaluate_depths, simulate
 from radar.controller.train import TrainConfig, train
-from radar.tune_space.space import METRIC
+from radar.cluster.tune.space import METRIC
 
 
 def scaled_cost(cost: CostModel, t0_scale: float = 1.0, tf_scale: float = 1.0, teye_scale: float = 1.0) -> CostModel:
@@ -36,7 +36,7 @@ def trial_configs(config: dict, k: int) -> tuple[TrainConfig, ControllerConfig, 
 
 
 def train_controller_trial(config: dict) -> None:
-    """Ray Tune function trainable (see `radar.tune_space.space.param_space` for `config`): reports `eval_speedup`
+    """Ray Tune function trainable (see `radar.cluster.tune.space.param_space` for `config`): reports `eval_speedup`
     (held-out, greedy controller, true costs) every `report_every` epochs with a checkpoint of the controller."""
     from ray import tune
 

@@ -8,8 +8,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from radar.tune_space.space import METRIC, MODE, SEARCHES, SPACES, param_space
-from radar.tune_space.trainable import train_controller_trial
+from radar.cluster.tune.space import METRIC, MODE, SEARCHES, SPACES, param_space
+from radar.cluster.tune.trainable import train_controller_trial
 
 TUNE_EXPERIMENT = "radar-tune"  # MLflow experiment of the per-trial runs
 TUNER_STATE = "tuner.pkl"  # what Tune writes into an experiment directory it can restore
@@ -104,7 +104,7 @@ def build_tuner(cfg: SweepConfig):
                               reduction_factor=3)
     callbacks = []
     if cfg.track:
-        from radar.tune_space.mlflow_logger import MLflowTrialLogger
+        from radar.cluster.tune.mlflow_logger import MLflowTrialLogger
 
         callbacks.append(MLflowTrialLogger(TUNE_EXPERIMENT, tags={"sweep": cfg.name}))
     tuner = tune.Tuner(
@@ -185,7 +185,7 @@ def _trial_run_id(trial_id: str) -> str | None:
     """The MLflow run `MLflowTrialLogger` made for this trial, when there is one."""
     import mlflow
 
-    from radar.platform.tracking import tracking_uri
+    from radar.common.tracking import tracking_uri
 
     client = mlflow.MlflowClient(tracking_uri())
     exp = client.get_experiment_by_name(TUNE_EXPERIMENT)
@@ -199,7 +199,7 @@ def register_best(results, name: str | None = None, alias: str | None = None) ->
     """Register the best trial's best checkpoint as a version of the controller model with `alias` (champion by
     default), logged to that trial's MLflow run; returns (version, the checkpoint's metrics)."""
     from radar.controller.policy import CONFIG_FILE, WEIGHTS_FILE
-    from radar.platform import tracking
+    from radar.common import tracking
 
     best = best_result(results)
     ckpt = best.get_best_checkpoint(METRIC, MODE) or best.checkpoint

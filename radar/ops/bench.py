@@ -17,7 +17,7 @@ import torch
 from radar.decoding.generate import Method
 from radar.decoding.pair import ModelPair
 from radar.decoding.verify import Sampling
-from radar.platform.prompts import Prompt
+from radar.common.prompts import Prompt
 
 HF_METHODS = ("hf", "hf-assisted")
 

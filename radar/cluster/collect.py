@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from radar.controller.dataset import SCHEMA_VERSION, Record, shard_files, write_records
-from radar.platform.prompts import Prompt
+from radar.common.prompts import Prompt
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "radar-collect-manifest/1"
@@ -507,8 +507,8 @@ def _get(ref):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m radar.actors.collect ARGS` is `radar collect ARGS` (an entrypoint for `ray job submit`)."""
-    from radar.platform.cli import app
+    """`python -m radar.cluster.collect ARGS` is `radar collect ARGS` (an entrypoint for `ray job submit`)."""
+    from radar.cli.app import app
 
     app(["collect", *(sys.argv[1:] if argv is None else argv)], prog_name="radar")
 

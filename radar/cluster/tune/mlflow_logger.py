@@ -10,7 +10,7 @@ import time
 
 from ray.tune import Callback
 
-from radar.platform.tracking import flatten, tracking_uri
+from radar.common.tracking import flatten, tracking_uri
 
 # Bookkeeping keys Tune adds to every result that say nothing about the controller.
 SKIP_METRICS = {"timestamp", "pid", "done", "iterations_since_restore", "time_since_restore", "time_this_iter_s"}

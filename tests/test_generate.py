@@ -28,7 +28,8 @@ from scipy.stats import chisquare
 
 import radar.decoding.generate as generate_module
 from radar.decoding.drafters import SmallLMDrafter
-from radar.decoding.generate import Method, generate_ar, generate_speculative
+from radar.decoding.generate import generate_ar, generate_speculative
+from radar.decoding.methods import Method
 from radar.decoding.model import Transformer
 from radar.decoding.tree import FixedDepth, TreeConfig
 from radar.decoding.verify import Sampling, next_token, target_probs

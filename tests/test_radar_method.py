@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from radar.controller.policy import ControllerConfig, LSTMController
-from radar.decoding.generate import Method
+from radar.decoding.methods import Method
 from radar.decoding.pair import ModelPair
 from radar.decoding.verify import Sampling
 from radar.cli.app import app

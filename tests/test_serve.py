@@ -185,7 +185,7 @@ def test_streamed_chunks_arrive_while_decoding(server):
 
 
 def test_chat_uses_the_plain_template_and_completions_the_raw_prompt(server):
-    from radar.decoding.pair import PLAIN_TEMPLATE
+    from radar.decoding.chat import PLAIN_TEMPLATE
     from radar.decoding.verify import Sampling
     from radar.ops.models import load_decoder
 

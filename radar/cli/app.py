@@ -66,7 +66,7 @@ def generate(
     """Generate text for one prompt with the target alone (ar) or speculatively."""
     from dataclasses import replace
 
-    from radar.decoding.generate import Method
+    from radar.decoding.methods import Method
     from radar.decoding.pair import ModelPair
     from radar.decoding.verify import Sampling
     from radar.ops.models import attach_controller

@@ -8,7 +8,6 @@ is committed; both KV caches keep only that path. The target always holds every 
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -56,25 +55,6 @@ class GenerationStats:
 class GenerationResult:
     token_ids: list[int]  # new tokens only
     stats: GenerationStats
-
-
-@dataclass(frozen=True)
-class Method:
-    """How to decode: `ar`, `chain:D` (one draft per call, D calls), `tree:D` (dynamic tree, D calls) or `radar`
-    (dynamic tree, a learned stop policy decides before each draft call, up to the tree's `max_calls`)."""
-
-    kind: str  # "ar", "chain", "tree" or "radar"
-    depth: int = 0
-
-    @classmethod
-    def parse(cls, text: str) -> "Method":
-        m = re.fullmatch(r"(ar|radar)|(chain|tree):(\d+)", text.strip())
-        if not m or (m.group(3) and int(m.group(3)) < 1):
-            raise ValueError(f"unknown method {text!r}: use ar, radar, chain:D or tree:D with D >= 1")
-        return cls(m.group(1)) if m.group(1) else cls(m.group(2), int(m.group(3)))
-
-    def __str__(self) -> str:
-        return self.kind if self.kind in ("ar", "radar") else f"{self.kind}:{self.depth}"
 
 
 def _finish(tokens: list[int], new: list[int], eos: set[int], budget: int) -> str | None:

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
+from radar.decoding.chat import Message, render_chat
 from radar.decoding.drafters import SmallLMDrafter
-from radar.decoding.generate import GenerationResult, Method, OnCommit, generate_ar, generate_speculative
+from radar.decoding.generate import GenerationResult, OnCommit, generate_ar, generate_speculative
+from radar.decoding.methods import Method
 from radar.decoding.model import ModelLoadError, Transformer
 from radar.decoding.tree import FixedDepth, StopPolicy, TreeConfig
 from radar.decoding.verify import Sampling
-
-# One-turn prompt layout for models without a chat template (the demo pair is trained on it).
-PLAIN_TEMPLATE = "Question: {question}\nAnswer:"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -86,17 +85,10 @@ class ModelPair:
             raise ValueError("the prompt is empty")
         return self.tokenizer(prompt, add_special_tokens=special_tokens)["input_ids"]
 
-    def chat_ids(self, question: str) -> list[int]:
-        """Token ids of a one-turn chat: the tokenizer's chat template, or the plain template when it has none."""
-        if not question or not question.strip():
-            raise ValueError("the prompt is empty")
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-            )
-            bos = self.tokenizer.bos_token
-            return self.encode(text, special_tokens=not (bos and text.startswith(bos)))  # never two BOS
-        return self.encode(PLAIN_TEMPLATE.format(question=question))
+    def chat_ids(self, messages: str | Sequence[Message]) -> list[int]:
+        """Token ids of a chat prompt: one user question, or a conversation of role/content messages."""
+        text, special = render_chat(self.tokenizer, messages)
+        return self.encode(text, special_tokens=special)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

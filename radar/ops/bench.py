@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from radar.decoding.generate import Method
+from radar.decoding.methods import Method
 from radar.decoding.pair import ModelPair
 from radar.decoding.verify import Sampling
 from radar.common.prompts import Prompt

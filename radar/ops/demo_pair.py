@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from radar.decoding.model import ModelConfig, Transformer
-from radar.decoding.pair import PLAIN_TEMPLATE
+from radar.decoding.chat import PLAIN_TEMPLATE
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK, BOS, EOS, PAD = SPECIAL_TOKENS

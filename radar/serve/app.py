@@ -715,33 +715,9 @@ RadarDeployment = serve.deployment(name="RadarServer")(serve.ingress(api)(RadarS
 
 
 def render_chat(pair, messages: list[ChatMessage]) -> list[int]:
-    """Prompt token ids for a conversation: the chat template, or the plain template (see the module docstring)."""
-    from radar.decoding.pair import PLAIN_TEMPLATE
-
-    tok = pair.tokenizer
-    if getattr(tok, "chat_template", None):
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
-        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        bos = tok.bos_token
-        return pair.encode(text, special_tokens=not (bos and text.startswith(bos)))  # never two BOS
-    n_sys = 0
-    while n_sys < len(messages) and messages[n_sys].role in ("system", "developer"):
-        n_sys += 1
-    system, turns = [m.text for m in messages[:n_sys]], messages[n_sys:]
-    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
-    if not turns or [m.role for m in turns] != expected or turns[-1].role != "user":
-        raise ValueError("this model has no chat template: messages must be optional system messages, then "
-                         "user/assistant turns alternating, starting and ending with a user message")
-    if not system and len(turns) == 1:
-        return pair.chat_ids(turns[0].text)
-    if any(not m.text.strip() for m in turns if m.role == "user"):
-        raise ValueError("a user message is empty")
-    parts = ["\n".join(system) + "\n\n"] if system else []
-    for i in range(0, len(turns), 2):
-        parts.append(PLAIN_TEMPLATE.format(question=turns[i].text))
-        if i + 1 < len(turns):
-            parts.append(f" {turns[i + 1].text}\n")
-    return pair.encode("".join(parts))
+    """Prompt token ids for a conversation (`ModelPair.chat_ids`; OpenAI's developer role is a system message)."""
+    return pair.chat_ids([{"role": "system" if m.role == "developer" else m.role, "content": m.text}
+                          for m in messages])
 
 
 # ---- building and running ----------------------------------------------------------------------------------

@@ -74,7 +74,8 @@ def main() -> None:
     import ray
     import torch
 
-    from radar.cluster.collect import CollectConfig, collect_dataset
+    from radar.cluster.collect import collect_dataset
+    from radar.cluster.shards import CollectConfig
     from radar.controller.dataset import read_records
     from radar.common.prompts import load_prompts
 

@@ -120,7 +120,8 @@ def start_server(args) -> tuple[str, dict]:
     import ray
 
     from radar.ops.models import model_paths
-    from radar.serve.app import ServeConfig, run
+    from radar.serve.app import run
+    from radar.serve.config import ServeConfig
 
     target, draft = model_paths(args.model, args.draft)
     port = args.port

@@ -10,7 +10,8 @@ import pytest
 import ray
 from typer.testing import CliRunner
 
-from radar.cluster.collect import MANIFEST, CollectConfig, CollectError, collect_dataset, read_manifest
+from radar.cluster.collect import collect_dataset
+from radar.cluster.shards import MANIFEST, CollectConfig, CollectError, read_manifest
 from radar.controller.collect import collect_records
 from radar.controller.dataset import RecordSet, read_records
 from radar.decoding.pair import ModelPair

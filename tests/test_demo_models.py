@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from radar.decoding.model import Transformer
 from radar.ops import demo_pair as demo_models
+from radar.ops.demo_pair import build as demo_build
 from radar.ops.demo_pair import DemoConfig, build_demo_pair, default_demo_dir, ensure_demo_pair
 
 TINY = DemoConfig(
@@ -119,7 +120,7 @@ def test_ensure_does_not_rebuild_an_existing_pair(tiny_demo, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("ensure_demo_pair rebuilt an existing pair")
 
-    monkeypatch.setattr(demo_models, "build_demo_pair", refuse)
+    monkeypatch.setattr(demo_build, "build_demo_pair", refuse)
     assert ensure_demo_pair(TINY, out_dir=out, progress=False) == (target, draft)
     assert (target / "model.safetensors").stat().st_mtime_ns == stamp
 
@@ -132,7 +133,7 @@ def test_ensure_rebuilds_an_incomplete_pair_and_an_interrupted_build_leaves_noth
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo_models, "train_target", interrupted)
+    monkeypatch.setattr(demo_build, "train_target", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ensure_demo_pair(TINY, out_dir=out, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no temporary directory left behind

@@ -13,7 +13,9 @@ import ray
 from typer.testing import CliRunner
 
 from radar.cli.app import app
-from radar.demo.pipeline import STAGES, DemoRunConfig, StageError, run_demo
+from radar.demo.config import DemoRunConfig
+from radar.demo.pipeline import run_demo
+from radar.demo.stages import STAGES, StageError
 
 # Every knob here is also a `radar demo` option, so the command can be run on the same directory. 5 prompts per set
 # make 2 shards of 8, one per collection actor.
@@ -28,7 +30,7 @@ def work(tmp_path_factory, tiny_pair, ray_session):
     target, draft = tiny_pair
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RADAR_HOME", str(root / "home"))
-        yield DemoRunConfig(work_dir=str(root / "work"), model=str(target), draft=str(draft), **KNOBS)
+        yield DemoRunConfig.from_options(work_dir=str(root / "work"), model=str(target), draft=str(draft), **KNOBS)
 
 
 def statuses(cfg: DemoRunConfig) -> dict[str, str]:
@@ -47,7 +49,7 @@ def test_a_failed_stage_names_itself_and_keeps_the_stages_before_it(work, monkey
     def broken_sweep(cfg):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr("radar.cluster.tune.sweep.run_sweep", broken_sweep)
+    monkeypatch.setattr("radar.ops.sweep.run_sweep", broken_sweep)
     lines: list[str] = []
     with pytest.raises(StageError) as info:
         run_demo(work, log=lines.append, report=False)

@@ -10,6 +10,8 @@ from typer.testing import CliRunner
 from radar.controller.dataset import synthetic_records, write_records
 from radar.controller.policy import ControllerConfig, LSTMController, load_controller
 from radar.common import tracking
+from radar.ops.models import download_controller
+from radar.ops.register import register_controller
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +38,17 @@ def _same_weights(a: LSTMController, b: LSTMController) -> bool:
 
 def test_register_and_download_round_trip_by_alias_and_version(registry):
     first, first_dir = _controller(registry, "c1", seed=1)
-    v1 = tracking.register_controller(first_dir, metrics={"eval_speedup": 1.5})
-    path = tracking.download_controller("models:/radar-controller@champion")
+    v1 = register_controller(first_dir, metrics={"eval_speedup": 1.5})
+    path = download_controller("models:/radar-controller@champion")
     assert _same_weights(load_controller(path), first)
     assert LSTMController.read_meta(path) == {"seed": 1}
 
     second, second_dir = _controller(registry, "c2", seed=2)
-    v2 = tracking.register_controller(second_dir)
+    v2 = register_controller(second_dir)
     assert v2 == v1 + 1
     # The alias moved to the new version; the old version stays reachable by number.
-    assert _same_weights(load_controller(tracking.download_controller("models:/radar-controller@champion")), second)
-    assert _same_weights(load_controller(tracking.download_controller(f"models:/radar-controller/{v1}")), first)
+    assert _same_weights(load_controller(download_controller("models:/radar-controller@champion")), second)
+    assert _same_weights(load_controller(download_controller(f"models:/radar-controller/{v1}")), first)
 
     import mlflow
 
@@ -58,31 +60,31 @@ def test_controller_path_resolves_a_registry_uri_for_bench(registry):
     from radar.ops.models import controller_path
 
     _, d = _controller(registry, "c3", seed=3)
-    tracking.register_controller(d)
+    register_controller(d)
     path = controller_path("models:/radar-controller@champion")
     assert path.is_dir() and load_controller(path).k == 4
 
 
 def test_unknown_alias_model_version_or_uri_is_a_clear_one_line_error(registry):
     _, d = _controller(registry, "c4", seed=4)
-    tracking.register_controller(d)
+    register_controller(d)
     with pytest.raises(ValueError, match="models:/radar-controller@nope: .*alias nope") as exc:
-        tracking.download_controller("models:/radar-controller@nope")
+        download_controller("models:/radar-controller@nope")
     assert "\n" not in str(exc.value)
     with pytest.raises(ValueError, match="no-such-model"):
-        tracking.download_controller("models:/no-such-model@champion")
+        download_controller("models:/no-such-model@champion")
     with pytest.raises(ValueError, match="version=99"):
-        tracking.download_controller("models:/radar-controller/99")
+        download_controller("models:/radar-controller/99")
     with pytest.raises(ValueError, match="not a registry URI"):
-        tracking.download_controller("models:/radar-controller")
+        download_controller("models:/radar-controller")
     with pytest.raises(FileNotFoundError, match="not a saved controller"):
-        tracking.register_controller(registry)
+        register_controller(registry)
 
 
 def test_an_unopenable_tracking_store_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/missing/dir/mlflow.db")
     with pytest.raises(ValueError) as exc:
-        tracking.download_controller("models:/radar-controller@champion")
+        download_controller("models:/radar-controller@champion")
     assert str(tmp_path) in str(exc.value) and "\n" not in str(exc.value)
 
 
@@ -90,7 +92,7 @@ def test_an_unreachable_tracking_server_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the discard port: nothing listens there
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with pytest.raises(ValueError, match=r"cannot reach the MLflow tracking server at http://127.0.0.1:9") as exc:
-        tracking.download_controller("models:/radar-controller@champion")
+        download_controller("models:/radar-controller@champion")
     assert "\n" not in str(exc.value)
 
 
@@ -112,5 +114,5 @@ def test_train_logs_params_metrics_and_the_controller_to_mlflow(registry):
     names = {f.path for f in client.list_artifacts(run.info.run_id, "controller")}
     assert names == {"controller/controller.json", "controller/model.safetensors"}
     # A trained run registers like any controller directory.
-    version = tracking.register_controller(registry / "trained", run.info.run_id)
-    assert load_controller(tracking.download_controller(f"models:/radar-controller/{version}")).k == 4
+    version = register_controller(registry / "trained", run.info.run_id)
+    assert load_controller(download_controller(f"models:/radar-controller/{version}")).k == 4

@@ -13,6 +13,7 @@ from radar.controller.mdp import CostModel
 from radar.controller.policy import load_controller
 from radar.controller.simulate import controller_depths, evaluate_depths, simulate
 from radar.common import tracking
+from radar.ops.models import download_controller
 from radar.cli.app import app
 from radar.cluster.tune import grid_space, param_space, scaled_cost, trial_configs
 
@@ -65,7 +66,7 @@ def test_sweep_reports_registers_the_best_and_resumes_without_rerunning(ray_sess
 
     client = mlflow.MlflowClient(tracking.tracking_uri())
     champion = client.get_model_version_by_alias("radar-controller", "champion")
-    controller = load_controller(tracking.download_controller("models:/radar-controller@champion"))
+    controller = load_controller(download_controller("models:/radar-controller@champion"))
     res = evaluate_depths(held, controller_depths(controller, held.states), true_cost, "controller", controller=True)
     assert float(champion.tags["eval_speedup"]) == pytest.approx(res.speedup, rel=1e-6)
     # ... and it was logged to its own trial's MLflow run, one run per trial in experiment radar-tune.

@@ -20,185 +20,20 @@ finished shard for the next run.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import socket
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from radar.controller.dataset import SCHEMA_VERSION, Record, shard_files, write_records
+from radar.cluster.ray_session import cluster_gpus
+from radar.cluster.shards import (MANIFEST, CollectConfig, CollectError, CollectSummary, Shard, make_shards,
+                                  manifest_text, open_manifest, shard_state)
+from radar.common.files import write_atomic
 from radar.common.prompts import Prompt
-
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "radar-collect-manifest/1"
-# Settings that change what the records are: a rerun must match all of them to add to a directory.
-CONFIG_KEYS = ("prompts", "model", "draft", "t_max", "k", "total_tokens", "temperature", "max_new_tokens", "seed",
-               "device", "dtype", "shard_size", "schema_version")
-
-
-class CollectError(RuntimeError):
-    """The run could not finish (workers died); the shards it finished are kept."""
-
-
-@dataclass(frozen=True)
-class CollectConfig:
-    """What a collection run makes; `device`, `dtype` and `total_tokens` are resolved before the run starts."""
-
-    model: str
-    draft: str
-    prompts: str = "mt_bench"  # the prompt set's name or file, as given
-    t_max: int = 8
-    k: int = 10
-    total_tokens: int | None = None  # None: the device's default tree budget
-    temperature: float = 0.0
-    max_new_tokens: int = 128
-    seed: int = 0
-    device: str = "auto"  # auto, cpu or cuda
-    dtype: str = "auto"
-    shard_size: int = 8
-    schema_version: int = SCHEMA_VERSION
-
-    def check(self) -> None:
-        """Raise ValueError for settings no run can use."""
-        if self.t_max < 1 or self.k < 1:
-            raise ValueError("t_max and k must be >= 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.shard_size < 1:
-            raise ValueError(f"shard size must be >= 1, got {self.shard_size}")
-        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"--device {self.device!r}: use auto, cpu or cuda")
-
-    def resolved(self, gpu: bool) -> "CollectConfig":
-        """The config with auto settings fixed: the device the workers get (cuda when `gpu`), its dtype and tree
-        budget. Stored in the manifest, so a resumed run on other hardware cannot silently change them."""
-        import torch
-
-        from radar.decoding.pair import DTYPES, default_tree, resolve_dtype
-
-        device = ("cuda" if gpu else "cpu") if self.device == "auto" else self.device.split(":")[0]
-        dtype = resolve_dtype(self.dtype, torch.device(device))
-        dtype_name = next(name for name, dt in DTYPES.items() if dt == dtype)
-        total = self.total_tokens if self.total_tokens is not None else default_tree(torch.device(device)).total_tokens
-        return replace(self, device=device, dtype=dtype_name, total_tokens=total)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Shard:
-    """A fixed chunk of prompts: shard `index` holds prompts[index * size : (index + 1) * size]."""
-
-    index: int
-    prompts: tuple[Prompt, ...]
-
-    @property
-    def file(self) -> str:
-        return f"shard-{self.index:05d}.parquet"
-
-    @property
-    def fingerprint(self) -> list[list[str]]:
-        """[id, hash of text] per prompt: what the manifest compares on a rerun."""
-        return [[p.id, hashlib.sha256(p.text.encode()).hexdigest()[:16]] for p in self.prompts]
-
-
-@dataclass
-class CollectSummary:
-    """What a run did: shards and records in the directory, and how many of them this run made."""
-
-    out: Path
-    shards: int
-    shards_skipped: int
-    shards_run: int
-    records: int  # in the directory, over all finished shards
-    records_run: int
-    prompts_run: int
-    workers: int
-    seconds: float
-    config: dict = field(default_factory=dict)
-
-
-def make_shards(prompts: Sequence[Prompt], shard_size: int) -> list[Shard]:
-    """Cut the prompt list into fixed, index-identified shards."""
-    return [Shard(i // shard_size, tuple(prompts[i: i + shard_size])) for i in range(0, len(prompts), shard_size)]
-
-
-# ---- the manifest ---------------------------------------------------------------------------------------
-
-
-def _manifest_text(manifest: dict) -> str:
-    """The manifest as JSON with one line per shard (readable and diffable)."""
-    entries = sorted(manifest["shards"].items(), key=lambda item: int(item[0]))  # by index, not completion order
-    shards = ",\n".join(f"  {json.dumps(key)}: {json.dumps(entry)}" for key, entry in entries)
-    head = {k: v for k, v in manifest.items() if k != "shards"}
-    return json.dumps(head, indent=1)[:-2] + ',\n "shards": {\n' + shards + "\n }\n}\n"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # hidden: never mistaken for data
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def read_manifest(out: str | Path) -> dict | None:
-    """The manifest of a collection directory, or None when there is none."""
-    path = Path(out) / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc.msg}); it is not a radar collection manifest") from None
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path} is not a radar collection manifest (format {MANIFEST_FORMAT})")
-    return data
-
-
-def _open_manifest(out: Path, config: CollectConfig) -> dict:
-    """The directory's manifest, or a new one for `config` (written with the first shard, so a run that fails
-    before any shard, e.g. on a wrong model path, leaves nothing to mismatch); ValueError when the directory was
-    collected with another config."""
-    manifest = read_manifest(out)
-    wanted = {key: config.to_dict()[key] for key in CONFIG_KEYS}
-    if manifest is None:
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file; give a directory for the shards")
-        if out.exists() and shard_files(out):
-            raise ValueError(f"{out} already holds Parquet files but no {MANIFEST}; collect into a new directory")
-        return {"format": MANIFEST_FORMAT, "config": wanted, "shards": {}}
-    have = manifest.get("config", {})
-    diff = [f"{key}: {have.get(key)!r} there, {wanted[key]!r} now" for key in CONFIG_KEYS if have.get(key) != wanted[key]]
-    if diff:
-        raise ValueError(f"{out} was collected with other settings ({'; '.join(diff)}); "
-                         "use a new --out directory or the same settings")
-    return manifest
-
-
-def _shard_state(out: Path, shard: Shard, entry: dict | None) -> str:
-    """'done', 'todo' or raise: compare a shard with what the manifest says was collected for its index."""
-    if entry is None or not (out / entry["file"]).exists():
-        return "todo"
-    have, now = entry["prompts"], shard.fingerprint
-    if have[: len(now)] == now:
-        return "done"  # the same prompts (or, after a smaller --limit, more of them)
-    if now[: len(have)] == have:
-        return "todo"  # a larger --limit grew the last shard: redo it whole, replacing its file
-    pos = next(i for i, (a, b) in enumerate(zip(have, now)) if a != b)
-    what = "text" if have[pos][0] == now[pos][0] else f"id ({have[pos][0]!r} there, {now[pos][0]!r} now)"
-    raise ValueError(f"{out}: shard {shard.index} was collected from other prompts (its prompt {pos + 1} has another "
-                     f"{what}); use a new --out directory")
-
-
-# ---- the worker ---------------------------------------------------------------------------------------
-
+from radar.controller.dataset import Record, write_records
 
 class CollectWorker:
     """Holds one loaded target+draft pair and collects shards with it (the body of the Ray actor)."""
@@ -243,63 +78,6 @@ class CollectWorker:
         return records, where
 
 
-# ---- Ray ---------------------------------------------------------------------------------------------
-
-
-def _host_port(address: str) -> tuple[str, int] | None:
-    rest = address.split("://", 1)[-1].rstrip("/")
-    host, sep, port = rest.rpartition(":")
-    if not sep or not port.isdigit():
-        return None
-    return host.strip("[]"), int(port)
-
-
-def check_reachable(address: str, timeout: float = 3.0) -> None:
-    """Raise ValueError unless something listens at the address's host:port (ray.init would hang retrying)."""
-    hp = _host_port(address)
-    if hp is None:
-        raise ValueError(f"Ray address {address!r} is not host:port (e.g. 10.0.0.5:6379 or ray://head:10001)")
-    try:
-        with socket.create_connection(hp, timeout=timeout):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise ValueError(f"cannot reach the Ray cluster at {address}: {reason}; is `ray start --head` running "
-                         "there and the port open?") from None
-
-
-def connect(address: str | None = None) -> bool:
-    """Connect to Ray: `address`, else $RAY_ADDRESS (as under `ray job submit`), else a new local instance.
-    Returns True when this call started the connection (the caller then shuts it down)."""
-    import ray
-
-    env = os.environ.get("RAY_ADDRESS")
-    target = address or ("auto" if env else None)
-    check = address if address not in (None, "auto", "local") else (env if target == "auto" and env else None)
-    if check and check.startswith(("http://", "https://")):
-        raise ValueError(f"{check} is a dashboard (job submission) address; ray.init needs the cluster's address "
-                         "(host:6379, or ray://host:10001); use it with `ray job submit --address` instead")
-    if check:
-        check_reachable(check)
-    if ray.is_initialized():
-        return False
-    try:
-        ray.init(address=target, ignore_reinit_error=True)
-    except ConnectionError as exc:
-        hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
-            " (if the cluster uses token authentication, set RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN or "
-            "~/.ray/auth_token)")
-        raise ValueError(f"cannot connect to Ray at {target}: {str(exc).splitlines()[0]}{hint}") from None
-    return True
-
-
-def cluster_gpus() -> int:
-    """GPUs the connected Ray cluster has now."""
-    import ray
-
-    return int(ray.cluster_resources().get("GPU", 0))
-
-
 # ---- the run ------------------------------------------------------------------------------------------
 
 
@@ -339,9 +117,9 @@ def collect_dataset(
         print("no GPU in the Ray cluster yet: the workers wait for the autoscaler to add GPU nodes", file=sys.stderr)
     config = config.resolved(use_gpu)
 
-    manifest = _open_manifest(out, config)
+    manifest = open_manifest(out, config)
     shards = make_shards(prompts, config.shard_size)
-    todo = [s for s in shards if _shard_state(out, s, manifest["shards"].get(str(s.index))) == "todo"]
+    todo = [s for s in shards if shard_state(out, s, manifest["shards"].get(str(s.index))) == "todo"]
     n_workers = 1 if local else min(workers or max(1, gpus if use_gpu else 1), max(1, len(todo)))
 
     records_run = 0
@@ -353,7 +131,7 @@ def collect_dataset(
             "file": shard.file, "prompts": shard.fingerprint, "records": len(records), "worker": where,
             "seconds": round(seconds, 3),
         }
-        _write_atomic(out / MANIFEST, _manifest_text(manifest))  # after the file: a listed shard always has its file
+        write_atomic(out / MANIFEST, manifest_text(manifest))  # after the file: a listed shard always has its file
         records_run += len(records)
 
     worker = None
@@ -504,18 +282,3 @@ def _get(ref):
         if isinstance(exc.cause, (ValueError, FileNotFoundError)):
             raise exc.cause from None
         raise
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m radar.cluster.collect ARGS` is `radar collect ARGS` (an entrypoint for `ray job submit`)."""
-    from radar.cli.app import app
-
-    app(["collect", *(sys.argv[1:] if argv is None else argv)], prog_name="radar")
-
-
-__all__ = ["CollectConfig", "CollectError", "CollectSummary", "CollectWorker", "Shard", "collect_dataset",
-           "make_shards", "read_manifest", "connect", "check_reachable", "cluster_gpus", "MANIFEST"]
-
-
-if __name__ == "__main__":  # pragma: no cover - entrypoint
-    main()

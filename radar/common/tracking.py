@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from radar.common.paths import cache_dir
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 
 
@@ -112,6 +114,7 @@ def registry_errors(what: str) -> Iterator[None]:
 
 
 def _client():
+    """A client of the tracking store (the fluent API pointed at it too)."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -119,26 +122,26 @@ def _client():
     return MlflowClient(tracking_uri())
 
 
-def _check_controller_dir(path: Path) -> None:
-    from radar.controller.policy import CONFIG_FILE, WEIGHTS_FILE
+def check_model_dir(path: Path, required: tuple[str, ...], what: str) -> None:
+    """FileNotFoundError unless `path` holds every file of `required` (a saved model of kind `what`)."""
+    if not all((path / f).is_file() for f in required):
+        raise FileNotFoundError(f"{path} is not a saved {what} directory (needs {' and '.join(required)})")
 
-    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{path} is not a saved controller directory (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
 
-
-def register_controller(
-    controller_dir: str | Path,
-    run_id: str | None = None,
-    name: str = REGISTERED_MODEL,
-    alias: str | None = CHAMPION,
+def register_model_dir(
+    model_dir: str | Path,
+    run_id: str | None,
+    name: str,
+    alias: str | None,
     metrics: dict | None = None,
     experiment: str = REGISTRY_EXPERIMENT,
+    artifact: str = CONTROLLER_ARTIFACT,
+    description: str = "",
 ) -> int:
-    """Log `controller_dir` as artifact `controller` of run `run_id` (a new run in `experiment` when None), register
-    it as a new version of model `name`, point `alias` at it, and return the version number. `metrics` go on the
+    """Log `model_dir` as artifact `artifact` of run `run_id` (a new run in `experiment` when None), register it as
+    a new version of model `name`, point `alias` at it, and return the version number. `metrics` go on the
     model version as tags (and on the run when it is a new one)."""
-    path = Path(controller_dir)
-    _check_controller_dir(path)
+    path = Path(model_dir)
     metrics = {k: v for k, v in flatten(metrics or {}).items() if isinstance(v, (int, float, str))}
     with registry_errors(f"registering {path} as {name}"):
         from mlflow.exceptions import MlflowException
@@ -149,16 +152,16 @@ def register_controller(
             exp = client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
             run_id = client.create_run(exp_id, run_name=f"register-{name}").info.run_id
-        client.log_artifacts(run_id, str(path), CONTROLLER_ARTIFACT)
+        client.log_artifacts(run_id, str(path), artifact)
         if new_run:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     client.log_metric(run_id, k, float(v))
             client.set_terminated(run_id)
         # The artifact's own URI, not runs:/..., because MLflow 3 resolves runs:/ sources only for logged models.
-        source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{CONTROLLER_ARTIFACT}"
+        source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact}"
         try:
-            client.create_registered_model(name, description="RADAR draft controller (LSTM stop policy)")
+            client.create_registered_model(name, description=description)
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -184,22 +187,16 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, int | None]:
 
 
 def registry_cache() -> Path:
-    """Where downloaded controllers are kept: $RADAR_HOME/registry, else $XDG_CACHE_HOME/radar/registry, else
-    ~/.cache/radar/registry."""
-    if os.environ.get("RADAR_HOME"):
-        return Path(os.environ["RADAR_HOME"]).expanduser() / "registry"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "radar" / "registry"
+    """Where downloaded registry models are kept (`cache_dir("registry")`)."""
+    return cache_dir("registry")
 
 
-def download_controller(uri: str) -> Path:
-    """A local controller directory for registry URI `uri` (models:/name@alias or models:/name/version), downloaded
-    once per model version and kept in `registry_cache()`."""
+def download_model_dir(uri: str, required: tuple[str, ...], what: str) -> Path:
+    """A local directory for registry URI `uri` (models:/name@alias or models:/name/version), downloaded once per
+    model version and kept in `registry_cache()`; refused unless it holds the `required` files of a `what`."""
     import hashlib
     import shutil
     import tempfile
-
-    from radar.controller.policy import CONFIG_FILE, WEIGHTS_FILE
 
     name, alias, number = parse_model_uri(uri)
     with registry_errors(uri):
@@ -213,7 +210,7 @@ def download_controller(uri: str) -> Path:
         # A version's source never changes, but version numbers repeat across tracking servers: key on both.
         key = hashlib.sha256(f"{tracking_uri()}|{name}|{version.version}|{version.source}".encode()).hexdigest()[:16]
         dest = registry_cache() / f"{name}-v{version.version}-{key}"
-        if (dest / CONFIG_FILE).is_file():
+        if all((dest / f).is_file() for f in required):
             return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
@@ -221,14 +218,25 @@ def download_controller(uri: str) -> Path:
             # By version, not by alias again: the alias may move while we download.
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}",
                                                              dst_path=str(tmp)))
-            if not (local / CONFIG_FILE).is_file() or not (local / WEIGHTS_FILE).is_file():
-                raise ValueError(f"{uri}: version {version.version} of {name} is not a RADAR controller "
-                                 f"(no {CONFIG_FILE} and {WEIGHTS_FILE} in {version.source})")
+            if not all((local / f).is_file() for f in required):
+                raise ValueError(f"{uri}: version {version.version} of {name} is not a {what} "
+                                 f"(no {' and '.join(required)} in {version.source})")
             try:
                 local.rename(dest)  # atomic: a concurrent reader sees no half-written directory
             except OSError:
-                if not (dest / CONFIG_FILE).is_file():
+                if not all((dest / f).is_file() for f in required):
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def find_run(experiment: str, tags: dict[str, str]) -> str | None:
+    """The id of a run of `experiment` carrying every tag of `tags`, if there is one."""
+    client = _client()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    where = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([exp.experiment_id], where, max_results=1)
+    return runs[0].info.run_id if runs else None

@@ -7,9 +7,11 @@ all of them alike, and the median repeat is kept. Speedups are ratios to `ar` me
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -17,9 +19,13 @@ import torch
 from radar.decoding.methods import Method
 from radar.decoding.pair import ModelPair
 from radar.decoding.verify import Sampling
-from radar.common.prompts import Prompt
+from radar.common.files import write_atomic
+from radar.common.prompts import Prompt, load_prompts
+from radar.ops.hf import HF_METHODS, HFRunner
+from radar.ops.models import attach_controller, load_pair, model_paths
 
-HF_METHODS = ("hf", "hf-assisted")
+BENCH_EXPERIMENT = "radar-bench"
+
 
 
 @dataclass
@@ -56,33 +62,6 @@ class Run:
     new_tokens: int
     accept_lengths: list[int]
     draft_calls: list[int]
-
-
-class HFRunner:
-    """transformers' own generate, plain and assisted (the draft as assistant model), on the same checkpoints."""
-
-    def __init__(self, model: str, draft: str | None, device: torch.device, dtype: torch.dtype):
-        from transformers import AutoModelForCausalLM
-
-        self.device = device
-        self.target = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
-        self.draft = AutoModelForCausalLM.from_pretrained(draft, dtype=dtype).to(device).eval() if draft else None
-        eos = self.target.generation_config.eos_token_id
-        self.pad = eos[0] if isinstance(eos, list) else (eos if eos is not None else 0)
-
-    @torch.inference_mode()
-    def __call__(self, method: str, ids: list[int], sampling: Sampling, max_new_tokens: int, seed: int) -> list[int]:
-        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=self.pad, do_sample=not sampling.greedy)
-        if not sampling.greedy:
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-        if method == "hf-assisted":
-            if self.draft is None:
-                raise ValueError("method hf-assisted needs a draft model")
-            kwargs["assistant_model"] = self.draft
-        torch.manual_seed(seed)
-        x = torch.tensor([ids], device=self.device)
-        out = self.target.generate(x, attention_mask=torch.ones_like(x), **kwargs)
-        return out[0, len(ids) :].tolist()
 
 
 def run_method(
@@ -148,3 +127,36 @@ def run_bench(
         "methods": results,
         "greedy_outputs_match_ar": {m: r["outputs"] == ar_out for m, r in results.items()} if cfg.temperature == 0 else None,
     }
+
+
+def benchmark(
+    cfg: BenchConfig,
+    out: str | Path | None = None,
+    track: bool = True,
+    pair: ModelPair | None = None,
+    on_step: Callable[[str], None] | None = None,
+    run_name: str | None = None,
+    tags: dict | None = None,
+) -> tuple[dict, str | None]:
+    """The `radar bench` operation: load the pair (unless given), decode every method, write the JSON result to
+    `out` and log it to MLflow (experiment radar-bench); returns (result, MLflow run id or None)."""
+    prompts = load_prompts(cfg.prompts, cfg.limit)
+    if pair is None:
+        model, draft = model_paths(cfg.model, cfg.draft)
+        cfg.model, cfg.draft = str(model), str(draft) if draft else None
+        pair = load_pair(model, draft, cfg.device, cfg.dtype, tree_tokens=cfg.tree_tokens)
+    if "radar" in cfg.methods:
+        attach_controller(pair, cfg.controller)
+    hf = HFRunner(cfg.model, cfg.draft, pair.target.device, pair.target.dtype) if set(cfg.methods) & set(HF_METHODS) \
+        else None
+    result = run_bench(pair, prompts, cfg, hf, on_step)
+    if out:
+        write_atomic(out, json.dumps(result, indent=1) + "\n")
+    if not track:
+        return result, None
+    from radar.common import tracking
+
+    with tracking.run(BENCH_EXPERIMENT, run_name=run_name, params={**asdict(cfg), **(tags or {})}) as active:
+        tracking.log_metrics({m: {k: v for k, v in r.items() if k != "outputs"} for m, r in result["methods"].items()})
+        tracking.log_json(result, "bench.json")
+        return result, active.info.run_id

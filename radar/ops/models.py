@@ -7,9 +7,11 @@ on both does worse than either (benchmarks/README.md); the bundled demo controll
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from radar.decoding.pair import ModelPair
+from radar.decoding.tree import TreeConfig
 
 # Trained on the demo pair's collected records (see benchmarks/README.md); used when no --controller is given.
 BUNDLED_CONTROLLER = Path(__file__).resolve().parent.parent / "data" / "demo-controller"
@@ -26,6 +28,21 @@ def model_paths(model: str | Path | None, draft: str | Path | None) -> tuple[Pat
     return Path(model), Path(draft) if draft else None
 
 
+def load_pair(
+    model: str | Path,
+    draft: str | Path | None,
+    device: str = "auto",
+    dtype: str = "auto",
+    tree: TreeConfig | None = None,
+    tree_tokens: int | None = None,
+) -> ModelPair:
+    """Target + draft loaded with the device's default tree, or `tree`, with `tree_tokens` verified per cycle."""
+    pair = ModelPair.load(model, draft, device=device, dtype=dtype, tree=tree)
+    if tree_tokens is not None:
+        pair.tree = replace(pair.tree, total_tokens=tree_tokens)
+    return pair
+
+
 def bundled_controller_available() -> bool:
     """Whether this installation ships the demo pair's controllers."""
     return (BUNDLED_CONTROLLER / "greedy" / "controller.json").is_file()
@@ -39,8 +56,6 @@ def controller_path(spec: str | Path | None) -> Path:
         return BUNDLED_CONTROLLER
     text = str(spec)
     if text.startswith("models:/"):
-        from radar.common.tracking import download_controller
-
         return download_controller(text)
     path = Path(text)
     if not path.exists():
@@ -73,7 +88,15 @@ def load_decoder(
 ) -> ModelPair:
     """Target + draft (+ controller when `controller` is given or `with_controller`), ready for any method."""
     target_dir, draft_dir = model_paths(model, draft)
-    pair = ModelPair.load(target_dir, draft_dir, device=device, dtype=dtype)
+    pair = load_pair(target_dir, draft_dir, device=device, dtype=dtype)
     if controller is not None or with_controller:
         attach_controller(pair, controller)
     return pair
+
+
+def download_controller(uri: str) -> Path:
+    """A local directory for a registered controller (models:/name@alias or models:/name/version), cached."""
+    from radar.common.tracking import download_model_dir
+    from radar.controller.policy import CONFIG_FILE, WEIGHTS_FILE
+
+    return download_model_dir(uri, (CONFIG_FILE, WEIGHTS_FILE), "RADAR controller")

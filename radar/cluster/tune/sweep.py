@@ -1,10 +1,8 @@
-"""Run a sweep: build (or restore) the Tuner with the chosen search algorithm and ASHA, fit it, summarise the trials,
-and register the best trial's controller in the MLflow model registry."""
+"""Run a sweep: build (or restore) the Tuner with the chosen search algorithm and ASHA, fit it, summarise the trials
+and find the best trial's checkpoint (radar.ops.sweep registers it)."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,41 +179,11 @@ def best_result(results):
     return results.get_best_result(METRIC, MODE, scope="all")
 
 
-def _trial_run_id(trial_id: str) -> str | None:
-    """The MLflow run `MLflowTrialLogger` made for this trial, when there is one."""
-    import mlflow
-
-    from radar.common.tracking import tracking_uri
-
-    client = mlflow.MlflowClient(tracking_uri())
-    exp = client.get_experiment_by_name(TUNE_EXPERIMENT)
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id], f"tags.trial_id = '{trial_id}'", max_results=1)
-    return runs[0].info.run_id if runs else None
-
-
-def register_best(results, name: str | None = None, alias: str | None = None) -> tuple[int, dict]:
-    """Register the best trial's best checkpoint as a version of the controller model with `alias` (champion by
-    default), logged to that trial's MLflow run; returns (version, the checkpoint's metrics)."""
-    from radar.controller.policy import CONFIG_FILE, WEIGHTS_FILE
-    from radar.common import tracking
-
+def best_checkpoint(results) -> tuple[object, dict, str]:
+    """(checkpoint, its reported metrics, trial id) of the best trial's best checkpoint."""
     best = best_result(results)
     ckpt = best.get_best_checkpoint(METRIC, MODE) or best.checkpoint
     if ckpt is None:
-        raise ValueError(f"the best trial ({best.path}) left no checkpoint to register")
+        raise ValueError(f"the best trial ({best.path}) left no checkpoint")
     metrics = next((m for c, m in best.best_checkpoints if c.path == ckpt.path), best.metrics)
-    keep = {k: metrics[k] for k in (METRIC, "eval_calls", "best_fixed_speedup", "speedup_vs_best_fixed", "epoch")
-            if k in metrics}
-    trial_id = str(best.metrics.get("trial_id", ""))
-    with tracking.registry_errors("looking up the best trial's MLflow run"):
-        run_id = _trial_run_id(trial_id) if trial_id else None
-    with ckpt.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
-        # Only the controller's own files: the checkpoint directory may hold Tune's bookkeeping too.
-        for f in (CONFIG_FILE, WEIGHTS_FILE):
-            shutil.copy2(Path(d) / f, Path(tmp) / f)
-        version = tracking.register_controller(tmp, run_id, name=name or tracking.REGISTERED_MODEL,
-                                               alias=alias or tracking.CHAMPION,
-                                               metrics={**keep, "trial_id": trial_id}, experiment=TUNE_EXPERIMENT)
-    return version, keep
+    return ckpt, metrics, str(best.metrics.get("trial_id", ""))

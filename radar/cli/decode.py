@@ -1,0 +1,122 @@
+"""`radar generate` and `radar bench`: decoding one prompt, and methods side by side."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from radar.cli import options as opt
+from radar.cli.errors import UserError, say, user_errors
+
+
+def resolve_models(model: Path | None, draft: Path | None) -> tuple[Path, Path | None]:
+    """The checkpoints to load; the demo pair (said so on stderr) when no --model is given."""
+    from radar.ops.models import model_paths
+
+    if model is None and draft is None:
+        say("No --model given: using the demo pair (built on first use).")
+    return model_paths(model, draft)
+
+
+def generate(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
+    model: opt.Model = None,
+    draft: opt.Draft = None,
+    method: str = typer.Option("tree:4", help="ar, radar, chain:D or tree:D (D = draft calls per cycle)."),
+    controller: opt.Controller = None,
+    temperature: opt.Temperature = 0.0,
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
+    max_new_tokens: int = typer.Option(128, help="New tokens at most."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    tree_tokens: opt.TreeTokens = None,
+    device: opt.Device = "auto",
+    dtype: opt.Dtype = "auto",
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+) -> None:
+    """Generate text for one prompt with the target alone (ar) or speculatively."""
+    from radar.decoding.methods import Method
+    from radar.decoding.verify import Sampling
+    from radar.ops.models import attach_controller, load_pair
+
+    with user_errors():
+        parsed, sampling = Method.parse(method), Sampling(temperature, top_p)
+        if max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        if not prompt.strip():
+            raise UserError("the prompt is empty")
+        model, draft = resolve_models(model, draft)
+        if parsed.speculative and draft is None:
+            raise UserError(f"--method {method} needs --draft PATH (or use --method ar)")
+        pair = load_pair(model, draft, device, dtype, tree_tokens=tree_tokens)
+        if parsed.kind == "radar":
+            attach_controller(pair, controller)
+        result = pair.generate(pair.encode(prompt), parsed, sampling, max_new_tokens, seed)
+    text = pair.decode(result.token_ids)
+    if as_json:
+        out = {"text": text, "token_ids": result.token_ids, "method": str(parsed), **result.stats.summary()}
+        sys.stdout.write(json.dumps(out) + "\n")
+        return
+    sys.stdout.write(text + "\n")
+    s = result.stats
+    say(f"[dim]{s.new_tokens} tokens in {s.wall_s:.2f}s ({s.tokens_per_s:.1f} tok/s), tau {s.tau:.2f}, "
+        f"{s.mean_draft_calls:.2f} draft calls/cycle, {s.target_calls} target calls, finish: {s.finish_reason}[/]")
+
+
+def print_bench(result: dict, title: str) -> None:
+    """The benchmark table and whether greedy outputs match ar."""
+    from radar.ops.tables import bench_table, greedy_match_line
+
+    console = Console()
+    console.print(bench_table(result, title))
+    line = greedy_match_line(result)
+    if line:
+        console.print(line)
+
+
+def bench(
+    prompts: opt.Prompts = "mt_bench",
+    limit: Optional[int] = typer.Option(20, help="Use the first N prompts."),
+    max_new_tokens: opt.MaxNewTokens = 128,
+    temperature: opt.Temperature = 0.0,
+    top_p: float = typer.Option(1.0),
+    methods: str = typer.Option("ar,hf,hf-assisted,chain:4,tree:4",
+                                help="Comma-separated: ar, hf, hf-assisted, radar, chain:D, tree:D."),
+    controller: opt.Controller = None,
+    repeats: int = typer.Option(3, help="Timed repeats per method; the median is kept."),
+    seed: int = typer.Option(0),
+    model: opt.Model = None,
+    draft: opt.Draft = None,
+    tree_tokens: opt.TreeTokens = None,
+    device: opt.Device = "auto",
+    dtype: opt.Dtype = "auto",
+    out: Optional[Path] = typer.Option(None, help="Write the results as JSON here."),
+    track: opt.Track = True,
+) -> None:
+    """Benchmark decoding methods side by side on the same prompts, in one run."""
+    from rich.progress import Progress
+
+    from radar.common import tracking
+    from radar.ops.bench import BENCH_EXPERIMENT, BenchConfig, benchmark
+
+    with user_errors():
+        cfg = BenchConfig(
+            prompts=prompts, limit=limit, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            methods=[m.strip() for m in methods.split(",") if m.strip()], repeats=repeats, seed=seed,
+            model=opt.path_or_none(model), draft=opt.path_or_none(draft), device=device, dtype=dtype,
+            tree_tokens=tree_tokens, controller=controller,
+        )
+        if model is None and draft is None:
+            say("No --model given: using the demo pair (built on first use).")
+        with Progress(console=Console(stderr=True), transient=True) as progress:
+            task = progress.add_task(f"benchmarking {cfg.prompts}", total=cfg.repeats * len(cfg.methods))
+            result, _ = benchmark(cfg, out, track, on_step=lambda m: progress.advance(task))
+    print_bench(result, f"{cfg.prompts}, {len(cfg.methods)} methods, T={temperature}")
+    if out:
+        say(f"results written to {out}")
+    if track:
+        say(f"logged to MLflow at {tracking.tracking_uri()} (experiment {BENCH_EXPERIMENT})")

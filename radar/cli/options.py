@@ -1,0 +1,29 @@
+"""Options several commands share, each written once (the commands' own options stay beside them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+Model = Annotated[Optional[Path], typer.Option(help="Target checkpoint directory (HF format). Default: the demo target.")]
+Draft = Annotated[Optional[Path], typer.Option(help="Draft checkpoint directory sharing the target's tokenizer. "
+                                                    "Default: the demo draft.")]
+Device = Annotated[str, typer.Option(help="auto (CUDA if present, else CPU), cpu or cuda[:N]")]
+Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16")]
+Controller = Annotated[Optional[str], typer.Option(
+    help="Controller for method radar: a directory from radar train, a reference .pt file or "
+         "models:/radar-controller@champion. Default: the controller trained for the demo pair.")]
+TreeTokens = Annotated[Optional[int], typer.Option(help="Tree nodes verified per cycle (default 60 on GPU, 12 on CPU).")]
+Prompts = Annotated[str, typer.Option(help="A jsonl file, or a bundled set: mt_bench, gsm8k, alpaca, mbpp.")]
+Costs = Annotated[str, typer.Option(help="Cost file from radar profile, or a preset name.")]
+Temperature = Annotated[float, typer.Option(help="0 for greedy.")]
+MaxNewTokens = Annotated[int, typer.Option(help="New tokens per prompt at most.")]
+Track = Annotated[bool, typer.Option(help="Log the run to MLflow.")]
+EvalFraction = Annotated[float, typer.Option(help="Share of prompts held out for the simulated speedup.")]
+
+
+def path_or_none(p: Path | None) -> str | None:
+    """A CLI path option as the string the configs store."""
+    return str(p) if p is not None else None

@@ -1,4 +1,4 @@
-"""The controller's hyperparameter search space for Ray Tune (DESIGN section 3: alpha, gamma, T_0, T_f, T_eye, lr,
+"""The controller's hyperparameter search space for Ray Tune (alpha, gamma, T_0, T_f, T_eye, lr,
 hidden size, dropout, training variant) and the fixed settings every trial shares.
 
 The cost constants are searched as scales around the given (true) cost file: a scale changes only the reward the

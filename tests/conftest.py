@@ -6,7 +6,7 @@ import pytest
 import torch
 
 # Test models are tiny: one intra-op thread is as fast, and two threads spin against each other (and against
-# anything else on a 2-core machine), which made single forwards up to 100x slower in measurements here.
+# anything else on a 2-core machine), which slows single forwards down badly.
 torch.set_num_threads(1)
 
 from tiny_models import make_tiny_pair

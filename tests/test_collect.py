@@ -25,6 +25,7 @@ The sanity checks compare the records with real decoding by the engine (`pair.ge
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,14 +33,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from scipy.stats import chisquare
 
-from radar.controller.collect import collect_prompt, collect_records, prompt_seed
+from radar.controller.collect import collect_prompt, collect_records, model_names, prompt_seed
 from radar.controller.dataset import SCHEMA_VERSION, RecordSet, read_records, write_records
 from radar.controller.mdp import CostModel
-from radar.controller.policy import frontier_state
+from radar.controller.state import frontier_state
 from radar.controller.profile import profile_costs
 from radar.decoding.model import Transformer
 from radar.decoding.pair import ModelPair
-from radar.decoding.tree import FixedDepth, TreeConfig
+from radar.decoding.stop import FixedDepth
+from radar.decoding.tree import TreeConfig
 from radar.decoding.verify import Sampling
 from radar.common.prompts import Prompt
 
@@ -198,6 +200,12 @@ def test_names_can_be_given_and_on_record_sees_every_record(pair):
     recs = collect(pair, 0.0, prompts=PROMPTS[:1], target_name="tgt", draft_name="drf", on_record=seen.append)
     assert seen == recs
     assert {(r.target, r.draft) for r in recs} == {("tgt", "drf")}
+
+
+def test_model_names_default_to_the_target_directory_and_draft(pair):
+    target, draft = model_names(pair)
+    assert Path(target).name == "target" and draft == "draft"
+    assert model_names(pair, "tgt", "drf") == ("tgt", "drf")
 
 
 def test_the_collected_text_is_the_targets_own(pair):

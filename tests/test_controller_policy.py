@@ -9,20 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from radar.controller.policy import (
-    PAD_LOGPROB,
-    ControllerConfig,
-    ControllerPolicy,
-    LSTMController,
-    ThresholdPolicy,
-    frontier_state,
-    load_controller,
-)
+from radar.controller.policy import ControllerConfig, ControllerPolicy, LSTMController, load_controller
+from radar.controller.state import PAD_LOGPROB, frontier_state
 from radar.controller.simulate import controller_depths, policy_depths, threshold_depths
 from radar.controller.dataset import synthetic_records
 from radar.decoding.drafters import SmallLMDrafter
 from radar.decoding.model import Transformer
-from radar.decoding.tree import FixedDepth, TreeConfig, draft_pool
+from radar.decoding.stop import FixedDepth, ThresholdPolicy
+from radar.decoding.tree import TreeConfig, draft_pool
 
 from tiny_models import make_tiny_llama
 

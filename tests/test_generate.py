@@ -31,7 +31,9 @@ from radar.decoding.drafters import SmallLMDrafter
 from radar.decoding.generate import generate_ar, generate_speculative
 from radar.decoding.methods import Method
 from radar.decoding.model import Transformer
-from radar.decoding.tree import FixedDepth, TreeConfig
+from radar.decoding.session import DecodeSession
+from radar.decoding.stop import FixedDepth
+from radar.decoding.tree import TreeConfig
 from radar.decoding.verify import Sampling, next_token, target_probs
 
 from tiny_models import load_hf_model, make_tiny_llama, random_ids
@@ -386,6 +388,25 @@ def test_request_that_exactly_fills_the_context_finishes_with_reason_length(shor
     ar, spec = run_both(short_context, prompt_ids(20), CONTEXT - 20)
     assert spec.token_ids == ar.token_ids and len(ar.token_ids) == CONTEXT - 20
     assert spec.stats.finish_reason == ar.stats.finish_reason == "length"
+
+
+# ------------------------------------------------------------------------------------------ the decode session
+
+
+def test_session_budget_is_the_request_cut_to_the_context(short_context):
+    session = DecodeSession(short_context, prompt_ids(20), max_new_tokens=50)
+    assert (session.budget, session.budget_reason, session.max_len) == (CONTEXT - 20, "context", CONTEXT)
+    assert DecodeSession(short_context, prompt_ids(20), max_new_tokens=5).budget_reason == "length"
+
+
+def test_session_commit_keeps_tokens_up_to_the_budget_and_streams_only_those(short_context):
+    seen: list[list[int]] = []
+    session = DecodeSession(short_context, [1, 2], max_new_tokens=3, on_commit=seen.append)
+    assert session.commit([5, 6]) and session.root_position == 3
+    assert not session.commit([7, 8, 9])
+    result = session.result()
+    assert result.token_ids == [5, 6, 7] and seen == [[5, 6], [7]]
+    assert (result.stats.finish_reason, result.stats.new_tokens) == ("length", 3)
 
 
 # -------------------------------------------------------------------------------------------- Method.parse

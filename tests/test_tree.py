@@ -11,7 +11,8 @@ import torch
 
 from radar.decoding.drafters import Drafter, SmallLMDrafter
 from radar.decoding.model import Transformer
-from radar.decoding.tree import DraftPool, FixedDepth, TreeConfig, build_tree, draft_pool, select_tree
+from radar.decoding.stop import FixedDepth, ThresholdPolicy
+from radar.decoding.tree import DraftPool, TreeConfig, build_tree, draft_pool, select_tree
 
 from tiny_models import make_tiny_llama
 
@@ -215,6 +216,19 @@ def test_policy_is_not_asked_before_the_first_call_nor_after_max_calls():
 def test_fixed_depth_rejects_depth_below_one():
     with pytest.raises(ValueError):
         FixedDepth(0)
+
+
+def test_threshold_policy_continues_while_the_best_frontier_path_is_likely_enough():
+    policy = ThresholdPolicy(0.5)
+    assert policy.decide(1, torch.tensor([0.6, 0.1]).log())
+    assert not policy.decide(1, torch.tensor([0.4, 0.3]).log())
+
+
+@pytest.mark.parametrize("threshold, continues", [(0.0, True), (-1.0, True), (1.5, False)])
+def test_threshold_policy_at_most_zero_never_stops_and_above_one_always_stops(threshold, continues):
+    policy = ThresholdPolicy(threshold)
+    for scores in (torch.tensor([0.0]), torch.tensor([float("-inf")])):  # a certain and an impossible path
+        assert policy.decide(1, scores) == continues
 
 
 @pytest.mark.parametrize("bad", [dict(branching=0), dict(max_calls=0), dict(total_tokens=0)])

@@ -23,7 +23,7 @@ same records whatever shard or order it is collected in. With that seed, `pair.g
 seed=prompt_seed(seed, prompt.id))` samples the very same text (tested).
 
 Cost: per cycle t_max draft calls (as at depth t_max) and one target forward over the union, which is larger than
-one tree (up to t_max * total_tokens nodes, typically 1.5-3x one tree), plus t_max small CPU passes for the d_i.
+one tree (up to t_max * total_tokens nodes), plus t_max small CPU passes for the d_i.
 """
 
 from __future__ import annotations
@@ -36,13 +36,14 @@ import numpy as np
 import torch
 
 from radar.controller.dataset import SCHEMA_VERSION, Record
-from radar.controller.policy import frontier_state
-from radar.decoding.drafters import SmallLMDrafter
-from radar.decoding.generate import _budget, _finish, commit_path, verify_tree
-from radar.decoding.pair import ModelPair
-from radar.decoding.tree import DraftPool, DraftTree, FixedDepth, TreeConfig, draft_pool, induced_tree, select_tree
-from radar.decoding.verify import Sampling, acceptance_distribution, target_probs, walk
+from radar.controller.state import frontier_state
 from radar.common.prompts import Prompt
+from radar.decoding.drafters import SmallLMDrafter
+from radar.decoding.pair import ModelPair
+from radar.decoding.session import DecodeSession
+from radar.decoding.stop import FixedDepth
+from radar.decoding.tree import DraftPool, DraftTree, TreeConfig, draft_pool, induced_tree, select_tree
+from radar.decoding.verify import Sampling, acceptance_distribution, commit_path, target_probs, verify_tree, walk
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:
@@ -51,11 +52,10 @@ def prompt_seed(seed: int, prompt_id: str) -> int:
 
 
 def model_names(pair: ModelPair, target: str | None = None, draft: str | None = None) -> tuple[str, str]:
-    """Names stored in the records' metadata: the given ones, else the paths the pair was loaded from when it keeps
-    them (`target_path` / `draft_path`), else the tokenizer's source (the target's directory) and "draft"."""
-    target = target or getattr(pair, "target_path", None) or getattr(pair.tokenizer, "name_or_path", None) or "target"
-    draft = draft or getattr(pair, "draft_path", None) or "draft"
-    return str(target), str(draft)
+    """Names stored in the records' metadata: the given ones, else the tokenizer's source (the target's directory,
+    where `ModelPair.load` reads it) and "draft" (a loaded pair does not keep its draft's path)."""
+    target = target or getattr(pair.tokenizer, "name_or_path", None) or "target"
+    return str(target), str(draft or "draft")
 
 
 def pool_prefix(pool: DraftPool, calls: int) -> DraftPool:
@@ -89,6 +89,20 @@ def checked_induced_tree(pool: DraftPool, keep: torch.Tensor) -> DraftTree:
     if not kept[parents[parents >= 0]].all():
         raise ValueError("the node set is not closed under ancestors")
     return induced_tree(pool, keep)
+
+
+def cycle_trees(
+    pool: DraftPool, t_max: int, total_tokens: int
+) -> tuple[list[DraftTree], DraftTree, list[torch.Tensor]]:
+    """The trees T_1..T_tmax the engine would verify after 1..t_max calls of `pool`, their union as one tree (to
+    verify in one forward), and each T_i's nodes as union indices."""
+    prefixes = [pool_prefix(pool, i) for i in range(1, t_max + 1)]
+    trees = [select_tree(prefix, total_tokens) for prefix in prefixes]  # exactly the engine's trees
+    keeps = [selected_nodes(prefix, total_tokens) for prefix in prefixes]
+    union = torch.unique(torch.cat(keeps))  # sorted: pool order, parents before children
+    where = torch.full((len(pool.tokens),), -1, dtype=torch.long, device=union.device)
+    where[union] = torch.arange(union.numel(), device=union.device)
+    return trees, checked_induced_tree(pool, union), [where[keep] for keep in keeps]
 
 
 def cycle_distributions(
@@ -147,59 +161,37 @@ def collect_prompt(
 
     prompt_ids = pair.chat_ids(prompt.text)
     try:
-        budget, _ = _budget(target, len(prompt_ids), max_new_tokens)
+        session = DecodeSession(target, prompt_ids, max_new_tokens)
     except ValueError as exc:
         raise ValueError(f"prompt {prompt.id!r}: {exc}") from None
-    eos = set(target.config.eos_token_id)
-    max_len = len(prompt_ids) + budget + cfg.max_nodes + 1
+    max_len = session.max_len + cfg.max_nodes + 1
     cache = target.new_cache(max_len)
     drafter.begin(max_len)
-    target_pending = torch.tensor(prompt_ids, device=device)
-    draft_pending = target_pending
-    out: list[int] = []
+    target_pending = draft_pending = torch.tensor(prompt_ids, device=device)
     records: list[Record] = []
     while True:
-        root_pos = len(prompt_ids) + len(out) - 1
+        root_pos = session.root_position
         pool = draft_pool(drafter, draft_pending, root_pos, cfg, FixedDepth(t_max))
-
-        # The trees of i = 1..t_max calls and their union, in pool indices.
-        prefixes = [pool_prefix(pool, i) for i in range(1, t_max + 1)]
-        trees = [select_tree(prefix, total_tokens) for prefix in prefixes]  # exactly the engine's trees
-        keeps = [selected_nodes(prefix, total_tokens) for prefix in prefixes]
-        union = torch.unique(torch.cat(keeps))  # sorted: pool order, parents before children
-        where = torch.full((len(pool.tokens),), -1, dtype=torch.long, device=union.device)
-        where[union] = torch.arange(union.numel(), device=union.device)
-        nodes = [where[keep] for keep in keeps]  # tree i's nodes as union indices
-
-        union_tree = checked_induced_tree(pool, union)
-        logits, base = verify_tree(target, cache, target_pending, union_tree, root_pos)
-        dists = cycle_distributions(union_tree, trees, nodes, logits, sampling, t_max)
+        trees, union, nodes = cycle_trees(pool, t_max, total_tokens)
+        logits, base = verify_tree(target, cache, target_pending, union, root_pos)
         states = torch.stack([frontier_state(pool.scores[pool.depths == i], k) for i in range(1, t_max + 1)])
-        record = Record(
-            states=states.cpu().numpy(),
-            dists=dists,
-            prompt_id=str(prompt.id),
-            position=root_pos,
-            target=target_name,
-            draft=draft_name,
-            temperature=float(temperature),
-            schema_version=SCHEMA_VERSION,
-        )
+        dists = cycle_distributions(union, trees, nodes, logits, sampling, t_max)
+        record = Record(states.cpu().numpy(), dists, prompt_id=str(prompt.id), position=root_pos, target=target_name,
+                        draft=draft_name, temperature=float(temperature), schema_version=SCHEMA_VERSION)
         records.append(record)
         if on_record is not None:
             on_record(record)
 
         # Commit like the engine at depth t_max: walk T_tmax, keep its accepted path in both caches.
-        rows = torch.cat((torch.zeros(1, dtype=torch.long, device=union.device), 1 + nodes[-1]))
+        deepest = nodes[-1]
+        rows = torch.cat((torch.zeros(1, dtype=torch.long, device=deepest.device), 1 + deepest))
         path, bonus = walk(trees[-1], logits[rows], sampling, generator)
-        union_path = nodes[-1][path].tolist()
-        n_fed = commit_path(cache, drafter, union_tree, union_path, base)
+        n_fed = commit_path(cache, drafter, union, deepest[path].tolist(), base)
         new = trees[-1].tokens[path].tolist() + [bonus]
-        if _finish(out, new, eos, budget):
-            break
+        if not session.commit(new):
+            return records, session.tokens
         target_pending = torch.tensor([bonus], device=device)
         draft_pending = torch.tensor(new[n_fed:], device=device)
-    return records, out
 
 
 def collect_records(
@@ -244,4 +236,4 @@ def collect_records(
 
 
 __all__ = ["collect_records", "collect_prompt", "prompt_seed", "model_names", "pool_prefix", "selected_nodes",
-           "checked_induced_tree"]
+           "checked_induced_tree", "cycle_trees", "cycle_distributions"]

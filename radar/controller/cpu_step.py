@@ -3,8 +3,8 @@
 A decision is paid before every draft call (T_eye in the cost model), and on a CPU its cost is not arithmetic (a
 128-unit LSTM step is ~85k multiply-adds) but overhead: dispatching ~20 NumPy or ~40 PyTorch operations, each of
 which runs cold because the draft forward between two decisions evicts the interpreter's and the libraries' working
-set. Measured inside real draft pools on the demo pair, a NumPy step cost 222 us a decision and this kernel 110 us
-(benchmarks/README.md, "Where the time goes"). Same arithmetic as `LSTMController.step` in eval mode, in float32.
+set. One compiled call pays that dispatch once (benchmarks/README.md, "Where the time goes", has the numbers).
+Same arithmetic as `LSTMController.step` in eval mode, in float32.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
+from torch import nn
 
-from radar.controller.policy import PAD_LOGPROB, LSTMController
+from radar.controller.state import PAD_LOGPROB
 
 
 @numba.njit(cache=True, nogil=True)
@@ -80,11 +81,12 @@ def _decide(scores, k, w_in, w_rec, bias, w_head, b_head, w_out, b_out, h, c):  
 class CpuStep:
     """A controller's decisions on the CPU: `decide(scores, fresh)` -> continue-minus-stop logit, LSTM state kept here.
 
-    Weights are copied out of the controller (transposed, float32) when this is built; the kernel is compiled on
-    first use in a process (about a second) and cached on disk by Numba after that.
+    `controller` is an `LSTMController` (typed as a module: policy.py builds CpuSteps, so this file cannot import
+    it back). Weights are copied out of it (transposed, float32) when this is built; the kernel is compiled on
+    first use in a process and cached on disk by Numba after that.
     """
 
-    def __init__(self, controller: LSTMController):
+    def __init__(self, controller: nn.Module):
         lstm, cfg = controller.lstm, controller.config
         hidden, layers = cfg.hidden_size, cfg.num_layers
 

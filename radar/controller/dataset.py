@@ -3,7 +3,7 @@
 A record x = {S, D} plus metadata:
 
     states  S (t_max, k) float32: s_t = the top-k cumulative draft log-probs of the frontier after t draft calls,
-            sorted descending, built with `radar.controller.policy.frontier_state` (so narrow frontiers are padded
+            sorted descending, built with `radar.controller.state.frontier_state` (so narrow frontiers are padded
             exactly as the live controller sees them). The policy decides on s_1..s_{t_max - 1}; s_{t_max} is kept
             for analysis.
     dists   D (t_max, t_max + 1) float32: row i - 1 is d_i, the law of the number of accepted draft tokens
@@ -19,7 +19,6 @@ plus a metadata DataFrame, which is what training and simulation consume.
 
 from __future__ import annotations
 
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
+
+from radar.common.files import write_atomic_with
 
 SCHEMA_VERSION = 1
 META_COLUMNS = ("prompt_id", "position", "target", "draft", "temperature", "schema_version")
@@ -73,10 +74,12 @@ class RecordSet:
 
     @property
     def t_max(self) -> int:
+        """Draft calls per cycle the records cover (states' second axis)."""
         return self.states.shape[1]
 
     @property
     def k(self) -> int:
+        """Frontier scores per state (states' last axis)."""
         return self.states.shape[2]
 
     def __getitem__(self, idx) -> "RecordSet":
@@ -94,6 +97,7 @@ class RecordSet:
 
     @classmethod
     def from_records(cls, records: Sequence[Record]) -> "RecordSet":
+        """Batch a list of records."""
         if not records:
             raise ValueError("no records")
         states = torch.as_tensor(np.stack([np.asarray(r.states, dtype=np.float32) for r in records]))
@@ -102,6 +106,7 @@ class RecordSet:
         return cls(states, dists, meta)
 
     def to_records(self) -> list[Record]:
+        """One `Record` per row."""
         rows = self.meta.to_dict("records")
         return [
             Record(states=self.states[i].numpy(), dists=self.dists[i].numpy(), **{c: rows[i][c] for c in META_COLUMNS})
@@ -110,6 +115,7 @@ class RecordSet:
 
     @staticmethod
     def concat(parts: Sequence["RecordSet"]) -> "RecordSet":
+        """Stack record sets with the same (t_max, k)."""
         if not parts:
             raise ValueError("no record sets to concatenate")
         shapes = {tuple(p.states.shape[1:]) for p in parts}
@@ -136,7 +142,7 @@ def validate(states: torch.Tensor, dists: torch.Tensor, n_meta: int | None = Non
     if n == 0:
         return
     if not torch.isfinite(states).all():
-        raise ValueError("states must be finite (clamp with radar.controller.policy.frontier_state)")
+        raise ValueError("states must be finite (clamp with radar.controller.state.frontier_state)")
     if (dists < -1e-6).any() or not torch.isfinite(dists).all():
         raise ValueError("dists must be finite and non-negative")
     sums = dists.double().sum(-1)
@@ -216,10 +222,7 @@ def write_records(records: RecordSet | Sequence[Record], path: str | Path) -> Pa
     })
     table = table.replace_schema_metadata({SCHEMA_KEY: str(SCHEMA_VERSION).encode(),
                                            b"radar.t_max": str(rs.t_max).encode(), b"radar.k": str(rs.k).encode()})
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, p)
-    return p
+    return write_atomic_with(p, lambda tmp: pq.write_table(table, tmp))
 
 
 def shard_files(path: str | Path) -> list[Path]:
@@ -304,6 +307,7 @@ def split(
 def train_test_split(
     records: RecordSet, test_fraction: float = 0.2, seed: int = 0, by: str | None = "prompt_id"
 ) -> tuple[RecordSet, RecordSet]:
+    """Split into (train, test) by `split`, failing clearly when either side would be empty."""
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     train, test = split(records, (1 - test_fraction, test_fraction), seed=seed, by=by)

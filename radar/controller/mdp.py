@@ -18,7 +18,8 @@ reward beta * l_acc / T_gen(T) at j = T, where l_acc is the number of accepted d
 excluded, as in the reference). When T = t_max the last "continue" is at j = t_max - 1 and the terminal reward
 arrives at step t_max with no decision of its own. Returns: G_j = sum_{t=j}^{T} gamma^(t-j) r_t.
 `beta` is the reference code's terminal scale (0.03084 for Llama-3.1-8B, eagle/train/eye_llama3-2.json); Eq. 4
-has none (beta = 1). Without it, alpha = 0.02 is ~1000x smaller than l_acc / T_gen (~40 tokens/s).
+has none (beta = 1). Without it, alpha = 0.02 is ~1000x smaller than l_acc / T_gen, which is ~40 per second with
+the paper's Llama-3.1-8B constants.
 
 Expected speedup of a cycle that makes i draft calls, against autoregressive decoding:
 
@@ -28,7 +29,8 @@ E[l | i] = sum_l l * d_i(l) from the record; +1 is the bonus token every cycle e
 baseline's tokens per second. When `ar_step` is unknown, `ar_time` falls back to T_0: on a GPU one verification
 pass over a 60-token tree costs about one AR step (back-solving the paper's Table 1 with the Llama preset gives
 AR steps of 0.064-0.082 s against T_0 = 0.0707 s). Measure it (`radar profile`) for real numbers; on a CPU
-verification is not flat in the tree size (DESIGN 5b) and the fallback is poor.
+a verification forward costs more the more tree tokens it carries, so T_0 overstates an AR step and the fallback
+is poor.
 """
 
 from __future__ import annotations
@@ -81,15 +83,18 @@ class CostModel:
 
     @property
     def speedup_basis(self) -> str:
+        """What the AR time behind the speedups is: measured `ar_step`, or the T_0 fallback."""
         return "ar_step" if self.ar_step is not None else "T_0 (ar_step unknown)"
 
     # ---- the cost file -----------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
+        """The cost file's JSON content."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "cost model") -> "CostModel":
+        """Build from a cost file's content; unknown or missing keys are a one-line error."""
         known = {f.name for f in fields(cls)}
         missing = [k for k in ("T_0", "T_f", "T_eye") if k not in d]
         unknown = sorted(set(d) - known)
@@ -101,6 +106,7 @@ class CostModel:
         return cls(**d)
 
     def save(self, path: str | Path) -> Path:
+        """Write the cost file (JSON)."""
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -108,6 +114,7 @@ class CostModel:
 
     @classmethod
     def load(cls, path: str | Path) -> "CostModel":
+        """Read a cost file."""
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"no cost file at {p}; pass a preset name ({', '.join(PRESETS)}) or measure one")
@@ -119,6 +126,7 @@ class CostModel:
 
     @classmethod
     def preset(cls, name: str) -> "CostModel":
+        """A copy of a named preset (the paper's constants)."""
         if name not in PRESETS:
             raise ValueError(f"unknown cost preset {name!r}; presets: {', '.join(PRESETS)}")
         c = PRESETS[name]
@@ -137,10 +145,6 @@ LLAMA31_8B = CostModel(
           "target": "Llama-3.1-8B-Instruct", "draft": "EAGLE-3"},
 )
 PRESETS: dict[str, CostModel] = {"llama3.1-8b": LLAMA31_8B}
-
-# Reference alpha per target model (DESIGN section 4) and the reference terminal scale beta for Llama-3.1-8B.
-REFERENCE_ALPHA = {"llama3.1-8b": 0.02, "vicuna-13b": 0.06, "deepseek-r1-distill-llama-8b": 0.01}
-REFERENCE_BETA = {"llama3.1-8b": 0.03084}
 
 
 # ---- rewards and returns --------------------------------------------------------------------------------

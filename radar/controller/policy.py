@@ -12,8 +12,8 @@ that order so a reference state dict loads with identical outputs (the key names
 the two orders apart). State-dict keys are exactly `lstm.weight_ih_l0`, `lstm.weight_hh_l0`, `lstm.bias_ih_l0`,
 `lstm.bias_hh_l0`, `mlp.0.weight`, `mlp.0.bias`, `mlp.3.weight`, `mlp.3.bias`.
 
-`ControllerPolicy` plugs the network into `radar.decoding.tree.draft_pool` through the `StopPolicy` protocol;
-`ThresholdPolicy` is the confidence-threshold baseline with the same interface.
+`ControllerPolicy` plugs the network into `radar.decoding.tree.draft_pool` through the
+`radar.decoding.stop.StopPolicy` protocol, like the rules that need no learning (`FixedDepth`, `ThresholdPolicy`).
 """
 
 from __future__ import annotations
@@ -27,10 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# A frontier narrower than k (vocabulary smaller than k) is padded with this "no probability" score, and scores
-# below it (including -inf) are clamped to it. It stays finite because the head reads the raw state: a huge
-# negative input would swing the logits, while exp(-100) is already zero for every purpose here.
-PAD_LOGPROB = -100.0
+from radar.controller.state import frontier_state
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "controller.json"
@@ -42,6 +39,8 @@ STOP, CONTINUE = 0, 1
 
 @dataclass
 class ControllerConfig:
+    """Sizes of the LSTM controller; the defaults are the reference network."""
+
     input_size: int = 10  # k: frontier scores per state
     hidden_size: int = 128  # LSTM hidden size
     mlp_hidden: int = 128
@@ -56,22 +55,12 @@ class ControllerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ControllerConfig":
+        """Build from a saved config; unknown keys are a one-line error."""
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown controller config keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
-
-
-def frontier_state(frontier_scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The controller's input from a frontier's scores: float32, sorted descending, clamped to `PAD_LOGPROB`,
-    truncated or padded (with `PAD_LOGPROB`) to exactly k. Collection must build dataset states with this too."""
-    s = frontier_scores.detach().float().flatten()
-    s = torch.nan_to_num(s, nan=PAD_LOGPROB, neginf=PAD_LOGPROB).clamp_min(PAD_LOGPROB)
-    s = s.sort(descending=True).values[:k]
-    if s.numel() < k:
-        s = torch.cat((s, s.new_full((k - s.numel(),), PAD_LOGPROB)))
-    return s
 
 
 class LSTMController(nn.Module):
@@ -96,6 +85,7 @@ class LSTMController(nn.Module):
 
     @property
     def k(self) -> int:
+        """Frontier scores per state."""
         return self.config.input_size
 
     def forward(
@@ -118,8 +108,8 @@ class LSTMController(nn.Module):
         if self.training:  # dropout active: go through the modules
             out, hc = self.lstm(x.view(1, 1, -1), hc)
             return self.mlp(torch.cat((out, x.view(1, 1, -1)), dim=-1))[0, 0], hc
-        # Inference fast path: the same arithmetic as nn.LSTM / the head in eval mode, as matrix-vector products
-        # (about 8x less overhead per decision than calling the modules with a batch of one).
+        # Inference fast path: the same arithmetic as nn.LSTM / the head in eval mode, as matrix-vector products,
+        # which skip most of the per-call overhead of running the modules on a batch of one.
         n, hidden = self.config.num_layers, self.config.hidden_size
         if hc is None:
             hc = (x.new_zeros(n, 1, hidden), x.new_zeros(n, 1, hidden))
@@ -270,9 +260,9 @@ class ControllerPolicy:
         self.controller = controller.eval()
         self.greedy = greedy
         self.device = next(controller.parameters()).device
-        self.rng = random.Random(seed)  # a draw costs ~0.1 us, against ~10 us for a torch.rand in the loop
+        self.rng = random.Random(seed)  # far cheaper per draw than a torch.rand inside the draft loop
         if self.device.type == "cpu":
-            from radar.controller.cpu_step import CpuStep  # imports this module: a top-level import would cycle
+            from radar.controller.cpu_step import CpuStep  # pulls in Numba: only when a CPU policy is built
 
             self.cpu = CpuStep(controller)
         else:
@@ -281,10 +271,12 @@ class ControllerPolicy:
         self.decisions = self.continues = self.cycles = 0
 
     def reset(self) -> None:
+        """Start a cycle: fresh LSTM state."""
         self.hc = None
         self.cycles += 1
 
     def decide(self, calls: int, frontier_scores: torch.Tensor) -> bool:
+        """One LSTM step on the frontier's scores: True to make one more draft call."""
         # Every line here is paid before every draft call (T_eye), so the CPU path avoids torch calls altogether.
         if self.cpu is not None and frontier_scores.is_cpu:
             scores = frontier_scores.detach() if frontier_scores.requires_grad else frontier_scores
@@ -307,22 +299,6 @@ class ControllerPolicy:
 
     @property
     def stats(self) -> dict[str, float]:
+        """Decision counters and the continue rate."""
         return {"decisions": self.decisions, "continues": self.continues, "cycles": self.cycles,
                 "continue_rate": self.continues / self.decisions if self.decisions else math.nan}
-
-
-class ThresholdPolicy:
-    """Confidence-threshold baseline: keep drafting while exp(best frontier cumulative log-prob) >= threshold.
-
-    threshold <= 0 never stops (always t_max calls); threshold > 1 always stops after the first call.
-    """
-
-    def __init__(self, threshold: float):
-        self.threshold = float(threshold)
-        self.log_threshold = math.log(self.threshold) if self.threshold > 0 else -math.inf
-
-    def reset(self) -> None:
-        pass
-
-    def decide(self, calls: int, frontier_scores: torch.Tensor) -> bool:
-        return bool(frontier_scores.max() >= self.log_threshold)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,10 +31,12 @@ from radar.controller.collect import model_names
 from radar.controller.mdp import CostModel
 from radar.controller.policy import ControllerPolicy, LSTMController
 from radar.decoding.drafters import SmallLMDrafter
-from radar.decoding.generate import _sync, commit_path, verify_tree
+from radar.decoding.model import KVCache
 from radar.decoding.pair import ModelPair
-from radar.decoding.tree import FixedDepth, TreeConfig, draft_pool, select_tree
-from radar.decoding.verify import Sampling, next_token, walk
+from radar.decoding.session import sync
+from radar.decoding.stop import FixedDepth
+from radar.decoding.tree import DraftPool, DraftTree, TreeConfig, draft_pool, select_tree
+from radar.decoding.verify import Sampling, commit_path, next_token, verify_tree, walk
 
 
 class _CallClock:
@@ -47,7 +50,7 @@ class _CallClock:
         self.stamps = []
 
     def decide(self, calls: int, frontier_scores: torch.Tensor) -> bool:
-        _sync(self.device)
+        sync(self.device)
         self.stamps.append(time.perf_counter())
         return True
 
@@ -64,10 +67,10 @@ class _TimedDecisions:
         self.inner.reset()
 
     def decide(self, calls: int, frontier_scores: torch.Tensor) -> bool:
-        _sync(self.device)
+        sync(self.device)
         t0 = time.perf_counter()
         self.inner.decide(calls, frontier_scores)
-        _sync(self.device)
+        sync(self.device)
         if self.counting:
             self.times.append(time.perf_counter() - t0)
         return True
@@ -77,10 +80,10 @@ def _timed(fn, device: torch.device, repeats: int, warmup: int) -> list[float]:
     """Wall times of `repeats` calls of fn() after `warmup` uncounted ones."""
     out = []
     for r in range(warmup + repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         if r >= warmup:
             out.append(time.perf_counter() - t0)
     return out
@@ -90,6 +93,96 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _check_settings(pair: ModelPair, t_max: int, prompt_tokens: int, repeats: int) -> None:
+    """One-line errors for settings `profile_costs` cannot measure with."""
+    if pair.draft is None:
+        raise ValueError("profiling needs a draft model (--draft PATH)")
+    if t_max < 2:
+        raise ValueError("t_max must be >= 2 to time a draft call between two controller queries")
+    if repeats < 1 or prompt_tokens < 1:
+        raise ValueError("repeats and prompt_tokens must be >= 1")
+    context = pair.target.config.max_position_embeddings
+    if prompt_tokens + t_max + 1 > context:
+        raise ValueError(
+            f"prompt_tokens={prompt_tokens} plus a {t_max}-deep tree does not fit the target's context of "
+            f"{context} tokens; use a smaller --prompt-tokens"
+        )
+
+
+@dataclass
+class _Bench:
+    """Both models on one cached prefix of random tokens; every timed run restarts from that prefix."""
+
+    cache: KVCache
+    drafter: SmallLMDrafter
+    pending: torch.Tensor  # the root: the prefix's last token, which neither model has seen
+    prefix_len: int
+
+    @property
+    def root_pos(self) -> int:
+        return self.prefix_len
+
+
+def _bench(pair: ModelPair, prompt_tokens: int, max_len: int, seed: int) -> _Bench:
+    """Prefill target and drafter with `prompt_tokens - 1` random tokens (content does not change a forward's cost)."""
+    target, device = pair.target, pair.target.device
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, target.config.vocab_size, (prompt_tokens,), generator=gen).to(device)
+    prefix_len = prompt_tokens - 1
+    cache = target.new_cache(max_len)
+    drafter = SmallLMDrafter(pair.draft)
+    drafter.begin(max_len)
+    if prefix_len:
+        target(prompt[None, :prefix_len], cache=cache)
+        drafter.forward(prompt[:prefix_len], torch.arange(prefix_len, device=device), None)
+    return _Bench(cache, drafter, prompt[prefix_len:], prefix_len)
+
+
+def _draft_call_times(bench: _Bench, cfg: TreeConfig, repeats: int, warmup: int, device: torch.device) -> list[float]:
+    """T_f samples: the draft calls of full t_max-call pools, each bracketed by two policy queries."""
+    clock, times = _CallClock(device), []
+    cfg_clock = TreeConfig(cfg.branching, cfg.max_calls + 1, cfg.total_tokens)  # a query after call t_max too
+    for r in range(warmup + repeats):
+        bench.drafter.keep(bench.prefix_len, [])
+        clock.reset()
+        draft_pool(bench.drafter, bench.pending, bench.root_pos, cfg_clock, clock)
+        if r >= warmup:  # queries before calls 2..t_max+1 bracket calls 2..t_max
+            times += [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+    return times
+
+
+def _decision_times(
+    bench: _Bench, pool_cfg: TreeConfig, verify, controller: LSTMController, seed: int, repeats: int, warmup: int,
+    device: torch.device,
+) -> list[float]:
+    """T_eye samples: one controller decision, timed where decisions really happen, inside draft pools between
+    draft and target forwards. Timed in isolation it would look cheaper than it is, because the forwards evict
+    the controller's weights from the CPU caches."""
+    policy = _TimedDecisions(ControllerPolicy(controller, greedy=True, seed=seed), device)
+    for r in range(warmup + repeats):
+        bench.drafter.keep(bench.prefix_len, [])
+        policy.reset()
+        policy.counting = r >= warmup
+        draft_pool(bench.drafter, bench.pending, bench.root_pos, pool_cfg, policy)
+        verify()
+    return policy.times
+
+
+def _overhead_times(
+    bench: _Bench, pair: ModelPair, pool: DraftPool, tree: DraftTree, total_tokens: int, repeats: int, warmup: int
+) -> list[float]:
+    """Per-cycle bookkeeping outside T_0 and T_f (for reference): rerank, acceptance walk, cache compaction."""
+    bench.cache.length = bench.prefix_len
+    logits, base = verify_tree(pair.target, bench.cache, bench.pending, tree, bench.root_pos)
+
+    def overhead():  # only timed: the caches' contents past the prefix are garbage afterwards, and unused
+        t = select_tree(pool, total_tokens)
+        path, _ = walk(t, logits, Sampling())
+        commit_path(bench.cache, bench.drafter, t, path, base)
+
+    return _timed(overhead, pair.target.device, repeats, warmup)
 
 
 @torch.inference_mode()
@@ -109,117 +202,44 @@ def profile_costs(
     controller: LSTMController | None = None,
 ) -> CostModel:
     """Measure T_0, T_f, T_eye and ar_step (seconds, medians) for `pair`; save the cost file to `out` if given."""
-    if pair.draft is None:
-        raise ValueError("profiling needs a draft model (--draft PATH)")
-    if t_max < 2:
-        raise ValueError("t_max must be >= 2 to time a draft call between two controller queries")
-    if repeats < 1 or prompt_tokens < 1:
-        raise ValueError("repeats and prompt_tokens must be >= 1")
+    _check_settings(pair, t_max, prompt_tokens, repeats)
     total_tokens = pair.tree.total_tokens if total_tokens is None else total_tokens
     warmup = max(2, repeats // 4) if warmup is None else warmup
     target, device = pair.target, pair.target.device
     cfg = TreeConfig(branching=k, max_calls=t_max, total_tokens=total_tokens)
-    if prompt_tokens + t_max + 1 > target.config.max_position_embeddings:
-        raise ValueError(
-            f"prompt_tokens={prompt_tokens} plus a {t_max}-deep tree does not fit the target's context of "
-            f"{target.config.max_position_embeddings} tokens; use a smaller --prompt-tokens"
-        )
+    bench = _bench(pair, prompt_tokens, prompt_tokens + cfg.max_nodes + 2, seed)
 
-    # A prefix of random tokens: the content does not change the cost of a forward of a given shape.
-    gen = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, target.config.vocab_size, (prompt_tokens,), generator=gen).to(device)
-    prefix_len, root_pos = prompt_tokens - 1, prompt_tokens - 1
-    max_len = prompt_tokens + cfg.max_nodes + 2
-    cache = target.new_cache(max_len)
-    if prefix_len:
-        target(prompt[None, :prefix_len], cache=cache)
-    drafter = SmallLMDrafter(pair.draft)
-    drafter.begin(max_len)
-    if prefix_len:
-        drafter.forward(prompt[:prefix_len], torch.arange(prefix_len, device=device), None)
-    pending = prompt[prefix_len:]
-
-    # T_f: the draft calls of full t_max-call pools, each bracketed by two policy queries.
-    clock, call_times = _CallClock(device), []
-    cfg_clock = TreeConfig(branching=k, max_calls=t_max + 1, total_tokens=total_tokens)  # a query after call t_max
-    for r in range(warmup + repeats):
-        drafter.keep(prefix_len, [])
-        clock.reset()
-        draft_pool(drafter, pending, root_pos, cfg_clock, clock)
-        if r >= warmup:  # queries before calls 2..t_max+1 bracket calls 2..t_max
-            call_times += [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
-    drafter.keep(prefix_len, [])
-    pool = draft_pool(drafter, pending, root_pos, cfg, FixedDepth(t_max))
+    call_times = _draft_call_times(bench, cfg, repeats, warmup, device)
+    bench.drafter.keep(bench.prefix_len, [])
+    pool = draft_pool(bench.drafter, bench.pending, bench.root_pos, cfg, FixedDepth(t_max))
     tree = select_tree(pool, total_tokens)
 
-    # T_0: verification forward of root + tree on the prefix cache.
-    def verify():
-        cache.length = prefix_len
-        verify_tree(target, cache, pending, tree, root_pos)
+    def verify():  # T_0: verification forward of root + tree on the prefix cache
+        bench.cache.length = bench.prefix_len
+        verify_tree(target, bench.cache, bench.pending, tree, bench.root_pos)
+
+    def ar():  # ar_step: one plain one-token target forward on the prefix, plus choosing the token
+        bench.cache.length = bench.prefix_len
+        next_token(target(bench.pending[None, -1:], cache=bench.cache)[0, -1], Sampling(), None)
 
     verify_times = _timed(verify, device, repeats, warmup)
-
-    # Per-cycle bookkeeping outside T_0 and T_f (for reference): rerank, acceptance walk, cache compaction.
-    cache.length = prefix_len
-    logits, base = verify_tree(target, cache, pending, tree, root_pos)
-    greedy = Sampling()
-
-    def overhead():  # only timed: the caches' contents past the prefix are garbage afterwards, and unused
-        t = select_tree(pool, total_tokens)
-        path, _ = walk(t, logits, greedy)
-        commit_path(cache, drafter, t, path, base)
-
-    overhead_times = _timed(overhead, device, repeats, warmup)
-
-    # T_eye: one controller decision, timed where decisions really happen: inside draft pools, between draft and
-    # target forwards. In isolation the same decision measured about 3x cheaper, because the forwards evict the
-    # controller's weights from the CPU caches.
-    policy = _TimedDecisions(ControllerPolicy(controller or LSTMController(), greedy=True, seed=seed), device)
-    for r in range(warmup + repeats):
-        drafter.keep(prefix_len, [])
-        policy.reset()
-        policy.counting = r >= warmup
-        draft_pool(drafter, pending, root_pos, cfg, policy)
-        verify()
-    eye_times = policy.times
-
-    # ar_step: one plain one-token target forward on the prefix, plus choosing the token.
-    def ar():
-        cache.length = prefix_len
-        next_token(target(pending[None, -1:], cache=cache)[0, -1], greedy, None)
-
+    overhead_times = _overhead_times(bench, pair, pool, tree, total_tokens, repeats, warmup)
+    eye_times = _decision_times(bench, cfg, verify, controller or LSTMController(), seed, repeats, warmup, device)
     ar_times = _timed(ar, device, repeats, warmup)
 
     names = model_names(pair, target_name, draft_name)
     med = statistics.median
-    cost = CostModel(
-        T_0=med(verify_times),
-        T_f=med(call_times),
-        T_eye=med(eye_times),
-        t_max=t_max,
-        ar_step=med(ar_times),
-        meta={
-            "source": "radar.controller.profile.profile_costs",
-            "device": _device_name(device),
-            "dtype": str(target.dtype).removeprefix("torch."),
-            "target": names[0],
-            "draft": names[1],
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__,
-            "k": k,
-            "total_tokens": total_tokens,
-            "verified_tokens": 1 + len(tree),
-            "prompt_tokens": prompt_tokens,
-            "repeats": repeats,
-            "warmup": warmup,
-            "statistic": "median",
-            "cycle_overhead_s": med(overhead_times),
-            "spread_s": {
-                name: [min(v), max(v)]
-                for name, v in (("T_0", verify_times), ("T_f", call_times), ("T_eye", eye_times), ("ar_step", ar_times))
-            },
-        },
-    )
+    spread = {"T_0": verify_times, "T_f": call_times, "T_eye": eye_times, "ar_step": ar_times}
+    meta = {
+        "source": "radar.controller.profile.profile_costs", "device": _device_name(device),
+        "dtype": str(target.dtype).removeprefix("torch."), "target": names[0], "draft": names[1],
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+        "k": k, "total_tokens": total_tokens, "verified_tokens": 1 + len(tree), "prompt_tokens": prompt_tokens,
+        "repeats": repeats, "warmup": warmup, "statistic": "median", "cycle_overhead_s": med(overhead_times),
+        "spread_s": {name: [min(v), max(v)] for name, v in spread.items()},
+    }
+    cost = CostModel(T_0=med(verify_times), T_f=med(call_times), T_eye=med(eye_times), t_max=t_max,
+                     ar_step=med(ar_times), meta=meta)
     if out is not None:
         cost.save(out)
     return cost

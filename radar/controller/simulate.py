@@ -15,7 +15,7 @@ Policies (names in results):
     threshold          keep drafting while exp(best frontier cumulative log-prob) >= threshold, the threshold
                        tuned on training records for the same aggregate speedup
     controller         the LSTM controller, greedy actions
-    oracle             per prefix, i* = argmax_i (E[l | i] + 1) / T_gen(i) (DESIGN's per-prefix bound). It is >= every
+    oracle             per prefix, i* = argmax_i (E[l | i] + 1) / T_gen(i), the per-prefix bound. It is >= every
                        fixed depth on every record, but NOT an upper bound on the aggregate: maximising each cycle's
                        ratio is not maximising sum tokens / sum time.
     oracle-throughput  per prefix, argmax_i (E[l | i] + 1) - lambda* T_gen(i), lambda* found by Dinkelbach's
@@ -35,13 +35,16 @@ import torch
 
 from radar.controller.dataset import RecordSet
 from radar.controller.mdp import CostModel, expected_accepted
-from radar.controller.policy import CONTINUE, STOP, LSTMController, ThresholdPolicy
+from radar.controller.policy import CONTINUE, STOP, LSTMController
+from radar.decoding.stop import ThresholdPolicy
 
 FIXED_PREFIX = "fixed-"
 
 
 @dataclass
 class PolicyResult:
+    """One stop rule's aggregate expected speedup and statistics on the records."""
+
     name: str
     speedup: float  # ratio of means, vs AR
     mean_calls: float
@@ -55,6 +58,8 @@ class PolicyResult:
 
 @dataclass
 class SimulationResult:
+    """Every simulated rule's result, with the record count and cost model used."""
+
     policies: dict[str, PolicyResult]
     n_records: int
     t_max: int
@@ -64,12 +69,14 @@ class SimulationResult:
 
     @property
     def best_fixed(self) -> PolicyResult:
+        """The fixed depth with the highest speedup."""
         fixed = [p for n, p in self.policies.items() if n.startswith(FIXED_PREFIX)]
         if not fixed:
             raise ValueError("no fixed-depth policies were simulated")
         return max(fixed, key=lambda p: p.speedup)
 
     def to_dict(self) -> dict:
+        """Plain dict for JSON, with `best_fixed` named when fixed depths ran."""
         d = asdict(self)
         if any(n.startswith(FIXED_PREFIX) for n in self.policies):
             d["best_fixed"] = self.best_fixed.name

@@ -53,6 +53,8 @@ REWARDS = ("ratio", "throughput")
 
 @dataclass
 class TrainConfig:
+    """Training settings; the defaults are the reference's REINFORCE (see the module docstring)."""
+
     alpha: float = 0.02  # penalty per "continue"
     gamma: float = 0.99
     beta: float | None = None  # terminal reward scale; None = auto (module docstring)
@@ -104,10 +106,12 @@ class TrainConfig:
                        baseline="group" if self.baseline == "none" else self.baseline)
 
     def to_dict(self) -> dict:
+        """Plain dict of the settings."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """Build from a dict; unknown keys are a one-line error."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -130,6 +134,7 @@ class TrainHistory:
         return self.epochs[i]
 
     def metric(self, name: str) -> list[float]:
+        """One metric over the epochs."""
         return [e[name] for e in self.epochs]
 
 
@@ -198,6 +203,39 @@ def _cpu_gen(g: torch.Generator) -> torch.Generator:
     return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)))
 
 
+def train_epoch(
+    controller: LSTMController,
+    opt: torch.optim.Optimizer,
+    states: torch.Tensor,
+    dists: torch.Tensor,
+    cfg: TrainConfig,
+    beta: float,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """One pass over the records in a random order, one optimiser step per batch; the batch statistics averaged."""
+    controller.train()
+    eff = cfg.effective()
+    rollouts = eff.group_size if eff.baseline == "group" else 1
+    perm = torch.randperm(states.shape[0], generator=generator, device=states.device)
+    sums: dict[str, float] = {}
+    steps = 0
+    for i in range(0, states.shape[0], cfg.batch_size):
+        idx = perm[i:i + cfg.batch_size]
+        s, d = states[idx], dists[idx]
+        if rollouts > 1:
+            s, d = s.repeat_interleave(rollouts, 0), d.repeat_interleave(rollouts, 0)
+        loss, stats = policy_loss(controller, s, d, cfg, beta, generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(controller.parameters(), cfg.grad_clip)
+        opt.step()
+        stats["loss"], stats["grad_norm"] = float(loss.detach()), float(gn)
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v
+        steps += 1
+    return {k: v / steps for k, v in sums.items()}
+
+
 def train(
     records: RecordSet,
     cfg: TrainConfig | None = None,
@@ -209,10 +247,9 @@ def train(
     """Train a fresh controller on `records`; deterministic for a given `cfg.seed` (on one device).
 
     `on_epoch(metrics, controller)` is called after every epoch with that epoch's metrics dict and the model being
-    trained (Tune / MLflow reporting, checkpoints); it may return True to stop early. With `eval_records`, each epoch also reports the greedy controller's expected
-    speedup on them (`eval_speedup`, `eval_calls`)."""
+    trained (Tune / MLflow reporting, checkpoints); it may return True to stop early. With `eval_records`, each
+    epoch also reports the greedy controller's expected speedup on them (`eval_speedup`, `eval_calls`)."""
     cfg = cfg or TrainConfig()
-    eff = cfg.effective()
     controller_cfg = controller_cfg or ControllerConfig(input_size=records.k)
     if len(records) == 0:
         raise ValueError("no training records")
@@ -226,7 +263,6 @@ def train(
     beta = cfg.beta if cfg.beta is not None else auto_beta(records, cfg.cost, cfg.reward)
     device = torch.device(cfg.device)
     states, dists = records.states.to(device), records.dists.to(device)
-    rollouts = eff.group_size if eff.baseline == "group" else 1
 
     from tqdm.auto import tqdm
 
@@ -240,28 +276,11 @@ def train(
                  if cfg.schedule == "cosine" else None)
         bar = tqdm(range(cfg.epochs), desc="train controller", disable=not progress, dynamic_ncols=True)
         for epoch in bar:
-            controller.train()
-            perm = torch.randperm(len(records), generator=gen, device=device)
-            sums: dict[str, float] = {}
-            steps = 0
             lr = opt.param_groups[0]["lr"]
-            for i in range(0, len(records), cfg.batch_size):
-                idx = perm[i:i + cfg.batch_size]
-                s, d = states[idx], dists[idx]
-                if rollouts > 1:
-                    s, d = s.repeat_interleave(rollouts, 0), d.repeat_interleave(rollouts, 0)
-                loss, stats = policy_loss(controller, s, d, cfg, beta, gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                gn = torch.nn.utils.clip_grad_norm_(controller.parameters(), cfg.grad_clip)
-                opt.step()
-                stats["loss"], stats["grad_norm"] = float(loss.detach()), float(gn)
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                steps += 1
+            means = train_epoch(controller, opt, states, dists, cfg, beta, gen)
             if sched is not None:
                 sched.step()
-            metrics = {"epoch": epoch + 1, "lr": lr, **{k: v / steps for k, v in sums.items()}}
+            metrics = {"epoch": epoch + 1, "lr": lr, **means}
             if eval_records is not None:
                 res = evaluate_depths(eval_records, controller_depths(controller, eval_records.states), cfg.cost,
                                       "controller", controller=True)
@@ -273,4 +292,4 @@ def train(
                 break
         bar.close()
     controller.eval()
-    return controller, TrainHistory(history, beta, {**cfg.to_dict(), "effective": asdict(eff)})
+    return controller, TrainHistory(history, beta, {**cfg.to_dict(), "effective": asdict(cfg.effective())})

@@ -10,10 +10,12 @@ import torch
 
 from radar.decoding.chat import Message, render_chat
 from radar.decoding.drafters import SmallLMDrafter
-from radar.decoding.generate import GenerationResult, OnCommit, generate_ar, generate_speculative
+from radar.decoding.generate import generate_ar, generate_speculative
 from radar.decoding.methods import Method
 from radar.decoding.model import ModelLoadError, Transformer
-from radar.decoding.tree import FixedDepth, StopPolicy, TreeConfig
+from radar.decoding.session import GenerationResult, OnCommit
+from radar.decoding.stop import FixedDepth, StopPolicy
+from radar.decoding.tree import TreeConfig
 from radar.decoding.verify import Sampling
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,6 +51,8 @@ def default_tree(device: torch.device) -> TreeConfig:
 
 @dataclass
 class ModelPair:
+    """A target, its optional draft, the tokenizer they share and the default draft tree."""
+
     target: Transformer
     draft: Transformer | None
     tokenizer: object  # a transformers PreTrainedTokenizerFast
@@ -91,6 +95,7 @@ class ModelPair:
         return self.encode(text, special_tokens=special)
 
     def decode(self, token_ids: list[int]) -> str:
+        """Text of token ids, special tokens left out."""
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def generate(

@@ -7,21 +7,23 @@ and the best `total_tokens` nodes form the tree the target verifies. Because a c
 exceeds its parent's, the top of the ranking is closed under ancestors (ties go to the earlier, shallower node).
 
 Before every call after the first, `policy.decide(calls_so_far, frontier_scores)` may end drafting: that is where
-fixed depths, confidence thresholds and the RADAR controller plug in.
+fixed depths, confidence thresholds and the RADAR controller plug in (`radar.decoding.stop`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from radar.decoding.drafters import Drafter
+from radar.decoding.stop import StopPolicy
 
 
 @dataclass
 class TreeConfig:
+    """Shape of one cycle's draft tree: branching, draft calls at most, nodes verified."""
+
     branching: int = 10  # k: children drafted per expanded node, and frontier width
     max_calls: int = 8  # t_max: draft calls per cycle at most (= deepest node)
     total_tokens: int = 60  # nodes the target verifies per cycle
@@ -32,30 +34,8 @@ class TreeConfig:
 
     @property
     def max_nodes(self) -> int:
+        """Nodes a cycle can draft at most: k children of the root, then k*k per further call."""
         return self.branching + (self.max_calls - 1) * self.branching**2
-
-
-class StopPolicy(Protocol):
-    """Decides before each draft call (after the first) whether to keep drafting this cycle."""
-
-    def reset(self) -> None: ...
-
-    def decide(self, calls: int, frontier_scores: torch.Tensor) -> bool: ...
-
-
-class FixedDepth:
-    """Always make exactly `depth` draft calls (EAGLE's fixed schedule)."""
-
-    def __init__(self, depth: int):
-        if depth < 1:
-            raise ValueError("depth must be >= 1")
-        self.depth = depth
-
-    def reset(self) -> None:
-        pass
-
-    def decide(self, calls: int, frontier_scores: torch.Tensor) -> bool:
-        return calls < self.depth
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Lossless verification of a draft tree against the target's logits, greedy and sampled.
+"""Verification of a draft tree by the target: the one forward over root + tree, the lossless acceptance walk
+(greedy and sampled), cache compaction to the accepted path, and the exact law of the accepted length.
 
 Drafted candidates are deterministic (the drafter's top-k), so recursive rejection sampling at a node v reduces
 to this: child x is accepted with probability p(x); on rejection x is removed from p and p renormalised; when no
@@ -7,6 +8,9 @@ exactly p(x_j), and the bonus token has probability p(y) for every y that is not
 descending into the child whose token is y (or stopping with bonus y) has the same joint law, so that is what
 `walk` does: it is literally sampling from the target, which is why the output distribution is the target's.
 Greedy is the same walk with argmax in place of the draw.
+
+A cycle is `verify_tree` (the target's logits for every node), `walk` (the accepted path and the bonus token),
+then `commit_path` (both caches keep that path only).
 """
 
 from __future__ import annotations
@@ -15,11 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
+from radar.decoding.drafters import Drafter
+from radar.decoding.model import KVCache, Transformer
 from radar.decoding.tree import DraftTree
 
 
 @dataclass(frozen=True)
 class Sampling:
+    """How the target picks tokens: temperature (0 = greedy) and top-p nucleus."""
+
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
 
@@ -31,6 +39,7 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
+        """True at temperature 0: every pick is the argmax."""
         return self.temperature == 0
 
 
@@ -53,6 +62,22 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     return int(torch.multinomial(target_probs(logits, sampling), 1, generator=generator))
 
 
+def verify_tree(
+    target: Transformer, cache: KVCache, pending: torch.Tensor, tree: DraftTree, root_pos: int
+) -> tuple[torch.Tensor, int]:
+    """One verification forward: the target's pending tokens (causal, root last) then the tree's nodes (each sees
+    its ancestors). Returns (logits (1 + N, V): row 0 after the root, row 1 + i after node i; the cache slot of
+    node 0)."""
+    device = pending.device
+    n_pend, n_tree = pending.numel(), len(tree)
+    mask = torch.ones(n_pend + n_tree, n_pend + n_tree, dtype=torch.bool, device=device).tril()
+    mask[n_pend:, n_pend:] = tree.ancestors
+    positions = torch.cat((torch.arange(root_pos - n_pend + 1, root_pos + 1, device=device), root_pos + tree.depths))
+    base = cache.length + n_pend  # slot of the first tree node
+    logits = target(torch.cat((pending, tree.tokens))[None], positions[None], cache, mask)[0, n_pend - 1 :]
+    return logits, base
+
+
 def walk(
     tree: DraftTree, logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None
 ) -> tuple[list[int], int]:
@@ -69,6 +94,15 @@ def walk(
             return path, y
         path.append(child)
         node = child
+
+
+def commit_path(cache: KVCache, drafter: Drafter, tree: DraftTree, path: list[int], base: int) -> int:
+    """Both caches keep only the accepted path (tree node indices, root-down); returns how many of those nodes the
+    drafter had been fed (the rest of the committed tokens stay pending for it)."""
+    cache.keep(base, [base + i for i in path])
+    fed = [tree.draft_slots[i] for i in path if tree.draft_slots[i] >= 0]
+    drafter.keep(tree.draft_base, fed)
+    return len(fed)
 
 
 def acceptance_distribution(tree: DraftTree, probs: torch.Tensor) -> torch.Tensor:

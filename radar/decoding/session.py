@@ -1,0 +1,146 @@
+"""One request's decoding state, shared by the autoregressive loop, the speculative loop and record collection.
+
+A `DecodeSession` owns what every loop needs besides the models: the token budget (the request, cut to the
+model's context), the committed tokens, the end-of-sequence check, the streaming `on_commit` callback, the
+statistics and the wall time. A loop forwards the models, hands each step's tokens to `commit`, and stops when it
+returns False.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from radar.decoding.model import Transformer
+
+# Called with the tokens each step commits, as soon as they are committed (streaming); returning False stops
+# generation after them with finish_reason "stop" (a client went away, a stop string appeared).
+OnCommit = Callable[[list[int]], "bool | None"]
+
+
+@dataclass
+class GenerationStats:
+    """Counters of one generation: calls, accepted lengths per cycle, wall time, why it ended."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    target_calls: int = 0
+    draft_calls: int = 0
+    accept_lengths: list[int] = field(default_factory=list)  # tau per cycle: accepted drafts + bonus
+    draft_calls_per_cycle: list[int] = field(default_factory=list)
+    wall_s: float = 0.0
+    finish_reason: str = "length"  # "length", "eos", "context", or "stop" (the on_commit callback asked to stop)
+
+    def count_cycle(self, committed: int, draft_calls: int) -> None:
+        """Account for one speculative cycle: one target call, its draft calls, `committed` = accepted + bonus."""
+        self.target_calls += 1
+        self.draft_calls += draft_calls
+        self.accept_lengths.append(committed)
+        self.draft_calls_per_cycle.append(draft_calls)
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens committed per target call (1.0 for autoregressive decoding)."""
+        return sum(self.accept_lengths) / len(self.accept_lengths) if self.accept_lengths else 1.0
+
+    @property
+    def mean_draft_calls(self) -> float:
+        """Mean draft calls per cycle (0.0 for autoregressive decoding)."""
+        return sum(self.draft_calls_per_cycle) / max(len(self.draft_calls_per_cycle), 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens per second of wall time."""
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def summary(self) -> dict:
+        """Flat statistics for JSON output."""
+        out = asdict(self)
+        out.update(tau=self.tau, mean_draft_calls=self.mean_draft_calls, tokens_per_s=self.tokens_per_s)
+        return out
+
+
+@dataclass
+class GenerationResult:
+    """The new tokens of one generation and its statistics."""
+
+    token_ids: list[int]  # new tokens only
+    stats: GenerationStats
+
+
+def token_budget(context: int, prompt_len: int, max_new_tokens: int) -> tuple[int, str]:
+    """New tokens allowed and the finish reason when they run out: the request ("length"), or what is left of a
+    `context`-token window after the prompt ("context") when that is less."""
+    if prompt_len < 1:
+        raise ValueError("the prompt is empty")
+    room = context - prompt_len
+    if room < 1:
+        raise ValueError(f"prompt of {prompt_len} tokens does not fit the model's context of {context}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    return (max_new_tokens, "length") if max_new_tokens <= room else (room, "context")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA), so wall-clock timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class DecodeSession:
+    """The committed tokens of one request and when decoding ends; the wall clock starts when it is made."""
+
+    def __init__(
+        self, target: Transformer, prompt_ids: list[int], max_new_tokens: int, on_commit: OnCommit | None = None
+    ):
+        self.prompt_ids = prompt_ids
+        self.budget, self.budget_reason = token_budget(
+            target.config.max_position_embeddings, len(prompt_ids), max_new_tokens
+        )
+        self.eos = set(target.config.eos_token_id)
+        self.device = target.device
+        self.on_commit = on_commit
+        self.tokens: list[int] = []  # new tokens only
+        self.finish_reason: str | None = None
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.start = time.perf_counter()
+
+    @property
+    def max_len(self) -> int:
+        """Positions the committed sequence can reach: prompt plus budget."""
+        return len(self.prompt_ids) + self.budget
+
+    @property
+    def root_position(self) -> int:
+        """Position of the newest committed token (the root of the next speculative cycle)."""
+        return len(self.prompt_ids) + len(self.tokens) - 1
+
+    def commit(self, new: list[int]) -> bool:
+        """Append `new` up to the first EOS or the budget and hand what was kept to `on_commit`; False once
+        decoding is over (`finish_reason` then says why)."""
+        n_before, reason = len(self.tokens), None
+        for t in new:
+            if len(self.tokens) == self.budget:
+                break
+            self.tokens.append(t)
+            if t in self.eos:
+                reason = "eos"
+                break
+        if reason is None and len(self.tokens) == self.budget:
+            reason = self.budget_reason
+        kept = self.tokens[n_before:]
+        if self.on_commit is not None and kept and self.on_commit(kept) is False:
+            reason = reason or "stop"
+        self.finish_reason = reason
+        return reason is None
+
+    def result(self) -> GenerationResult:
+        """The generation so far, with the wall time measured once the device is done."""
+        sync(self.device)
+        self.stats.wall_s = time.perf_counter() - self.start
+        self.stats.new_tokens = len(self.tokens)
+        self.stats.finish_reason = self.finish_reason or "length"
+        return GenerationResult(self.tokens, self.stats)

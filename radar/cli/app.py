@@ -581,5 +581,10 @@ def serve_command(
         ray.shutdown()
 
 
+from radar.cli.models_cmd import models_app  # noqa: E402
+
+app.add_typer(models_app, name="models")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()

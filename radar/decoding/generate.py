@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from radar.decoding.drafters import Drafter
-from radar.decoding.model import KVCache, Transformer
+from radar.decoding.model import KVCache, LayerCapture, Transformer
 from radar.decoding.tree import DraftTree, StopPolicy, TreeConfig, build_tree
 from radar.decoding.verify import Sampling, next_token, walk
 
@@ -131,19 +131,20 @@ def generate_ar(
 
 
 def verify_tree(
-    target: Transformer, cache: KVCache, pending: torch.Tensor, tree: DraftTree, root_pos: int
+    target: Transformer, cache: KVCache, pending: torch.Tensor, tree: DraftTree, root_pos: int,
+    capture: LayerCapture | None = None,
 ) -> tuple[torch.Tensor, int]:
     """One verification forward: the target's pending tokens (causal, root last) then the tree's nodes (each sees
     its ancestors). Returns (logits (1 + N, V): row 0 after the root, row 1 + i after node i; the cache slot of
-    node 0)."""
+    node 0). `capture` receives the hidden states of the pending tokens then the nodes."""
     device = pending.device
     n_pend, n_tree = pending.numel(), len(tree)
     mask = torch.ones(n_pend + n_tree, n_pend + n_tree, dtype=torch.bool, device=device).tril()
     mask[n_pend:, n_pend:] = tree.ancestors
     positions = torch.cat((torch.arange(root_pos - n_pend + 1, root_pos + 1, device=device), root_pos + tree.depths))
     base = cache.length + n_pend  # slot of the first tree node
-    logits = target(torch.cat((pending, tree.tokens))[None], positions[None], cache, mask)[0, n_pend - 1 :]
-    return logits, base
+    logits = target(torch.cat((pending, tree.tokens))[None], positions[None], cache, mask, capture=capture)
+    return logits[0, n_pend - 1 :], base
 
 
 def commit_path(cache: KVCache, drafter: Drafter, tree: DraftTree, path: list[int], base: int) -> int:
@@ -153,6 +154,24 @@ def commit_path(cache: KVCache, drafter: Drafter, tree: DraftTree, path: list[in
     fed = [tree.draft_slots[i] for i in path if tree.draft_slots[i] >= 0]
     drafter.keep(tree.draft_base, fed)
     return len(fed)
+
+
+def prefill_features(
+    target: Transformer, cache: KVCache, drafter: Drafter, capture: LayerCapture, prompt: torch.Tensor
+) -> torch.Tensor:
+    """For a drafter that reads the target's features: prefill all prompt tokens but the newest and hand the drafter
+    their features (it feeds each token with its predecessor's). Returns what the target has still to see."""
+    if prompt.numel() == 1:
+        return prompt
+    target(prompt[None, :-1], cache=cache, last_only=True, capture=capture)
+    drafter.observe_target(capture.hidden[0])
+    return prompt[-1:]
+
+
+def committed_features(capture: LayerCapture, n_pending: int, path: list[int]) -> torch.Tensor:
+    """The captured features of what a verification committed: the pending tokens, then the accepted nodes."""
+    rows = torch.cat((torch.arange(n_pending), n_pending + torch.tensor(path, dtype=torch.long)))
+    return capture.hidden[0, rows.to(capture.hidden.device)]
 
 
 @torch.inference_mode()
@@ -177,15 +196,20 @@ def generate_speculative(
     drafter.begin(max_len)
     target_pending = torch.tensor(prompt_ids, device=device)
     draft_pending = target_pending
+    capture = LayerCapture(drafter.capture) if drafter.capture else None
+    if capture is not None:
+        target_pending = prefill_features(target, cache, drafter, capture, target_pending)
     out: list[int] = []
     while True:
         root_pos = len(prompt_ids) + len(out) - 1
         policy.reset()
         tree = build_tree(drafter, draft_pending, root_pos, tree_cfg, policy)
 
-        logits, base = verify_tree(target, cache, target_pending, tree, root_pos)
+        logits, base = verify_tree(target, cache, target_pending, tree, root_pos, capture)
         path, bonus = walk(tree, logits, sampling, generator)
         n_fed = commit_path(cache, drafter, tree, path, base)
+        if capture is not None:
+            drafter.observe_target(committed_features(capture, target_pending.numel(), path))
         new = tree.tokens[path].tolist() + [bonus]
         stats.target_calls += 1
         stats.draft_calls += tree.draft_calls

@@ -38,3 +38,16 @@ def test_train_on_a_directory_without_records_is_a_one_line_error(tmp_path):
     result = runner.invoke(app, ["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "c")])
     assert result.exit_code == 2
     assert result.stderr.startswith("error:")
+
+
+def test_train_into_a_directory_holding_other_files_replaces_only_the_controller(tmp_path):
+    from radar.controller.dataset import synthetic_records, write_records
+
+    write_records(synthetic_records(40, t_max=8, k=4, seed=0), tmp_path / "records" / "r.parquet")
+    out = tmp_path / "runs"
+    (out / "demo").mkdir(parents=True)
+    (out / "demo" / "keep.txt").write_text("mine")
+    invoke("train", "--data", str(tmp_path / "records"), "--out", str(out), "--epochs", "1", "--hidden-size", "8",
+           "--no-track")
+    assert (out / "demo" / "keep.txt").read_text() == "mine"
+    assert {p.name for p in out.iterdir()} == {"demo", "controller.json", "model.safetensors"}

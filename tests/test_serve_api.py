@@ -2,7 +2,7 @@
 
 Two applications share one Serve instance on a free port: the main one (route /) and a keyed one (route /keyed,
 API key required, a 50 ms timeout) for the 401/504 paths. Completions tokenize the raw prompt (like
-`radar generate`); chat renders the plain template (the tiny tokenizer has no chat template).
+`radar generate --raw`); chat renders the plain template (the tiny tokenizer has no chat template).
 """
 
 from __future__ import annotations
@@ -188,9 +188,9 @@ def test_streamed_chunks_arrive_while_decoding(server):
 def test_chat_uses_the_plain_template_and_completions_the_raw_prompt(server):
     from radar.decoding.chat import PLAIN_TEMPLATE
     from radar.decoding.verify import Sampling
-    from radar.ops.models import load_decoder
+    from radar.ops.models import attach_controller, load_pair
 
-    pair = load_decoder(server.target, server.draft, server.controller, device="cpu")
+    pair = attach_controller(load_pair(server.target, server.draft, device="cpu"), server.controller)
     question = "What is the capital of France?"
     ids = pair.chat_ids(question)
     expected = pair.decode(pair.generate(ids, "radar", Sampling(0.0), N, 0).token_ids)

@@ -97,7 +97,7 @@ def train(
     from radar.controller.mdp import CostModel
     from radar.controller.policy import ControllerConfig
     from radar.controller.train import TrainConfig
-    from radar.ops.train import TRAIN_EXPERIMENT, TrainJob, train_controller
+    from radar.ops.train import TrainJob, train_controller
 
     with user_errors():
         job = TrainJob(data=str(data), out=str(out), eval_fraction=eval_fraction, track=track,
@@ -107,7 +107,7 @@ def train(
         outcome = train_controller(job)
     Console().print(f"controller trained on {outcome.n_train} records -> {out}")
     if track:
-        say(f"logged to MLflow at {tracking.tracking_uri()} (experiment {TRAIN_EXPERIMENT})")
+        say(f"logged to MLflow at {tracking.tracking_uri()} (experiment {tracking.TRAIN_EXPERIMENT})")
 
 
 def simulate(

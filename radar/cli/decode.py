@@ -18,9 +18,14 @@ def resolve_models(model: Path | None, draft: Path | None) -> tuple[Path, Path |
     """The checkpoints to load; the demo pair (said so on stderr) when no --model is given."""
     from radar.ops.models import model_paths
 
+    note_default_pair(model, draft)
+    return model_paths(model, draft)
+
+
+def note_default_pair(model: Path | None, draft: Path | None) -> None:
+    """Say on stderr that the demo pair is used when no checkpoint is named."""
     if model is None and draft is None:
         say("No --model given: using the demo pair (built on first use).")
-    return model_paths(model, draft)
 
 
 def generate(
@@ -105,7 +110,7 @@ def bench(
     from rich.progress import Progress
 
     from radar.common import tracking
-    from radar.ops.bench import BENCH_EXPERIMENT, BenchConfig, benchmark
+    from radar.ops.bench import BenchConfig, benchmark, log_benchmark
 
     with user_errors():
         cfg = BenchConfig(
@@ -114,13 +119,14 @@ def bench(
             model=opt.path_or_none(model), draft=opt.path_or_none(draft), device=device, dtype=dtype,
             tree_tokens=tree_tokens, controller=controller,
         )
-        if model is None and draft is None:
-            say("No --model given: using the demo pair (built on first use).")
+        note_default_pair(model, draft)
         with Progress(console=Console(stderr=True), transient=True) as progress:
             task = progress.add_task(f"benchmarking {cfg.prompts}", total=cfg.repeats * len(cfg.methods))
-            result, _ = benchmark(cfg, out, track, on_step=lambda m: progress.advance(task))
+            result = benchmark(cfg, out, on_step=lambda m: progress.advance(task))
     print_bench(result, f"{cfg.prompts}, {len(cfg.methods)} methods, T={temperature}")
     if out:
         say(f"results written to {out}")
     if track:
-        say(f"logged to MLflow at {tracking.tracking_uri()} (experiment {BENCH_EXPERIMENT})")
+        with user_errors():
+            log_benchmark(cfg, result)
+        say(f"logged to MLflow at {tracking.tracking_uri()} (experiment {tracking.BENCH_EXPERIMENT})")

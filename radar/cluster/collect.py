@@ -35,6 +35,7 @@ from radar.common.files import write_atomic
 from radar.common.prompts import Prompt
 from radar.controller.dataset import Record, write_records
 
+
 class CollectWorker:
     """Holds one loaded target+draft pair and collects shards with it (the body of the Ray actor)."""
 
@@ -96,8 +97,8 @@ def collect_dataset(
     """Collect the records of `prompts` into shards under `out`, resuming a previous run of the same config.
 
     `local` runs the shards in this process (no Ray); otherwise `workers` Ray actors (default: one per cluster GPU,
-    or 1) share them on the connected cluster (see `connect`), each with one GPU when the cluster has GPUs and
-    `cpus_per_worker` CPUs otherwise. `on_shard(index, busy, idle)` is called after each shard is saved, with the
+    or 1) share them on the connected cluster (`radar.cluster.ray_session.connect`), each with one GPU when the
+    cluster has GPUs and `cpus_per_worker` CPUs otherwise. `on_shard(index, busy, idle)` is called after each shard is saved, with the
     live actors that have a shard in flight and the others (a test hook, e.g. to kill a worker mid-shard)."""
     t0 = time.perf_counter()
     out = Path(out)
@@ -106,33 +107,12 @@ def collect_dataset(
         raise ValueError("no prompts to collect")
     if workers is not None and workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
-    if local:
-        import torch
-
-        gpus = int(torch.cuda.is_available())
-    else:
-        gpus = cluster_gpus()
-    use_gpu = config.device.startswith("cuda") or (config.device == "auto" and gpus > 0)
-    if use_gpu and gpus == 0 and not local:
-        print("no GPU in the Ray cluster yet: the workers wait for the autoscaler to add GPU nodes", file=sys.stderr)
+    gpus, use_gpu = placement(config, local)
     config = config.resolved(use_gpu)
-
-    manifest = open_manifest(out, config)
+    log = ShardLog(out, open_manifest(out, config))
     shards = make_shards(prompts, config.shard_size)
-    todo = [s for s in shards if shard_state(out, s, manifest["shards"].get(str(s.index))) == "todo"]
+    todo = [s for s in shards if log.state(s) == "todo"]
     n_workers = 1 if local else min(workers or max(1, gpus if use_gpu else 1), max(1, len(todo)))
-
-    records_run = 0
-
-    def save(shard: Shard, records: list[Record], where: str, seconds: float) -> None:
-        nonlocal records_run
-        write_records(records, out / shard.file)  # atomic: temp file + rename
-        manifest["shards"][str(shard.index)] = {
-            "file": shard.file, "prompts": shard.fingerprint, "records": len(records), "worker": where,
-            "seconds": round(seconds, 3),
-        }
-        write_atomic(out / MANIFEST, manifest_text(manifest))  # after the file: a listed shard always has its file
-        records_run += len(records)
 
     worker = None
     if todo and local:
@@ -146,8 +126,8 @@ def collect_dataset(
                        dynamic_ncols=True, desc=f"collect ({n_workers} worker{'s' * (n_workers > 1)})")
 
         def done(shard: Shard, records: list[Record], where: str, seconds: float, busy: list, idle: list) -> None:
-            save(shard, records, where, seconds)
-            bar.update(len(shard.prompts), shards=f"{len(manifest['shards'])}/{len(shards)}", records=records_run)
+            log.save(shard, records, where, seconds)
+            bar.update(len(shard.prompts), shards=f"{log.finished}/{len(shards)}", records=log.records_run)
             if on_shard is not None:
                 on_shard(shard.index, busy, idle)
 
@@ -162,10 +142,56 @@ def collect_dataset(
 
     return CollectSummary(
         out=out, shards=len(shards), shards_skipped=len(shards) - len(todo), shards_run=len(todo),
-        records=sum(e["records"] for e in manifest["shards"].values()), records_run=records_run,
+        records=log.records, records_run=log.records_run,
         prompts_run=sum(len(s.prompts) for s in todo), workers=n_workers if todo else 0,
         seconds=time.perf_counter() - t0, config=config.to_dict(),
     )
+
+
+def placement(config: CollectConfig, local: bool) -> tuple[int, bool]:
+    """(GPUs available, whether the workers use one each): in this process, or on the connected Ray cluster."""
+    if local:
+        import torch
+
+        gpus = int(torch.cuda.is_available())
+    else:
+        gpus = cluster_gpus()
+    use_gpu = config.device.startswith("cuda") or (config.device == "auto" and gpus > 0)
+    if use_gpu and gpus == 0 and not local:
+        print("no GPU in the Ray cluster yet: the workers wait for the autoscaler to add GPU nodes", file=sys.stderr)
+    return gpus, use_gpu
+
+
+class ShardLog:
+    """The output directory's manifest as shards finish: each shard's file is written first, then the manifest that
+    lists it, so a listed shard always has its file."""
+
+    def __init__(self, out: Path, manifest: dict):
+        self.out, self.manifest, self.records_run = out, manifest, 0
+
+    def state(self, shard: Shard) -> str:
+        """'done' or 'todo' for `shard` (see `shard_state`)."""
+        return shard_state(self.out, shard, self.manifest["shards"].get(str(shard.index)))
+
+    def save(self, shard: Shard, records: list[Record], where: str, seconds: float) -> None:
+        """Write the shard's records and list it in the manifest, both atomically."""
+        write_records(records, self.out / shard.file)
+        self.manifest["shards"][str(shard.index)] = {
+            "file": shard.file, "prompts": shard.fingerprint, "records": len(records), "worker": where,
+            "seconds": round(seconds, 3),
+        }
+        write_atomic(self.out / MANIFEST, manifest_text(self.manifest))
+        self.records_run += len(records)
+
+    @property
+    def finished(self) -> int:
+        """Shards listed as done."""
+        return len(self.manifest["shards"])
+
+    @property
+    def records(self) -> int:
+        """Records in the directory, over all finished shards."""
+        return sum(e["records"] for e in self.manifest["shards"].values())
 
 
 class _LazyBar:

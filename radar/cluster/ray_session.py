@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 
+
 def _host_port(address: str) -> tuple[str, int] | None:
     rest = address.split("://", 1)[-1].rstrip("/")
     host, sep, port = rest.rpartition(":")

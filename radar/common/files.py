@@ -12,22 +12,14 @@ from typing import Callable, Iterator
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
     """Write `data` to `path` through a hidden temporary sibling and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # hidden: never mistaken for data
-    try:
-        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomic_with(path, lambda tmp: tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data))
 
 
 def write_atomic_with(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Let `write(tmp)` fill a hidden temporary sibling of `path` (a library's own writer), then rename it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # hidden: never mistaken for data
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -56,5 +48,20 @@ def new_dir(dest: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         replace_dir(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def new_files_in(dest: str | Path) -> Iterator[Path]:
+    """A temporary directory to write files into; when the block finishes without error each file is moved into
+    `dest` (created if needed) by a rename, leaving whatever else `dest` holds alone."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".new-", dir=dest))
+    try:
+        yield tmp
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, dest / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

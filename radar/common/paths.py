@@ -12,5 +12,5 @@ def cache_dir(*parts: str) -> Path:
     if os.environ.get("RADAR_HOME"):
         root = Path(os.environ["RADAR_HOME"]).expanduser()
     else:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "radar"
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "radar"
     return root.joinpath(*parts)

@@ -11,6 +11,8 @@ from typing import Any, Iterator
 from radar.common.paths import cache_dir
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+# One experiment per command that logs.
+BENCH_EXPERIMENT, TRAIN_EXPERIMENT, TUNE_EXPERIMENT = "radar-bench", "radar-train", "radar-tune"
 
 
 def tracking_uri() -> str:

@@ -38,13 +38,11 @@ import torch
 from radar.controller.dataset import SCHEMA_VERSION, Record
 from radar.controller.state import frontier_state
 from radar.common.prompts import Prompt
-from radar.decoding.model import LayerCapture
 from radar.decoding.pair import ModelPair
-from radar.decoding.session import DecodeSession
+from radar.decoding.session import DecodeSession, Speculation
 from radar.decoding.stop import FixedDepth
 from radar.decoding.tree import DraftPool, DraftTree, TreeConfig, draft_pool, induced_tree, select_tree
-from radar.decoding.verify import (Sampling, acceptance_distribution, commit_path, committed_features, prefill_features,
-                                   target_probs, verify_tree, walk)
+from radar.decoding.verify import (Sampling, acceptance_distribution, target_probs, walk)
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:
@@ -165,19 +163,13 @@ def collect_prompt(
         session = DecodeSession(target, prompt_ids, max_new_tokens)
     except ValueError as exc:
         raise ValueError(f"prompt {prompt.id!r}: {exc}") from None
-    max_len = session.max_len + cfg.max_nodes + 1
-    cache = target.new_cache(max_len)
-    drafter.begin(max_len)
-    target_pending = draft_pending = torch.tensor(prompt_ids, device=device)
-    capture = LayerCapture(drafter.capture) if drafter.capture else None  # a drafter reading the target's layers
-    if capture is not None:
-        target_pending = prefill_features(target, cache, drafter, capture, target_pending)
+    spec = Speculation(target, drafter, prompt_ids, session.max_len + cfg.max_nodes + 1)
     records: list[Record] = []
     while True:
         root_pos = session.root_position
-        pool = draft_pool(drafter, draft_pending, root_pos, cfg, FixedDepth(t_max))
+        pool = draft_pool(drafter, spec.draft_pending, root_pos, cfg, FixedDepth(t_max))
         trees, union, nodes = cycle_trees(pool, t_max, total_tokens)
-        logits, base = verify_tree(target, cache, target_pending, union, root_pos, capture)
+        logits, base = spec.verify(union, root_pos)
         states = torch.stack([frontier_state(pool.scores[pool.depths == i], k) for i in range(1, t_max + 1)])
         dists = cycle_distributions(union, trees, nodes, logits, sampling, t_max)
         record = Record(states.cpu().numpy(), dists, prompt_id=str(prompt.id), position=root_pos, target=target_name,
@@ -186,19 +178,12 @@ def collect_prompt(
         if on_record is not None:
             on_record(record)
 
-        # Commit like the engine at depth t_max: walk T_tmax, keep its accepted path in both caches.
+        # Commit like the engine at depth t_max: walk T_tmax, keep its accepted path (as union nodes) in both caches.
         deepest = nodes[-1]
         rows = torch.cat((torch.zeros(1, dtype=torch.long, device=deepest.device), 1 + deepest))
         path, bonus = walk(trees[-1], logits[rows], sampling, generator)
-        union_path = deepest[path].tolist()
-        n_fed = commit_path(cache, drafter, union, union_path, base)
-        if capture is not None:
-            drafter.observe_target(committed_features(capture, target_pending.numel(), union_path))
-        new = trees[-1].tokens[path].tolist() + [bonus]
-        if not session.commit(new):
+        if not session.commit(spec.commit(union, deepest[path].tolist(), base, bonus)):
             return records, session.tokens
-        target_pending = torch.tensor([bonus], device=device)
-        draft_pending = torch.tensor(new[n_fed:], device=device)
 
 
 def collect_records(

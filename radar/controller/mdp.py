@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from radar.common.files import write_atomic
+
 
 @dataclass
 class CostModel:
@@ -107,10 +109,7 @@ class CostModel:
 
     def save(self, path: str | Path) -> Path:
         """Write the cost file (JSON)."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        return p
+        return write_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "CostModel":

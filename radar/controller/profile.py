@@ -147,12 +147,12 @@ def _bench(pair: ModelPair, prompt_tokens: int, max_len: int, seed: int) -> _Ben
         if prefix_len < 2:
             raise ValueError("profiling a drafter that reads the target's features needs prompt_tokens >= 3")
         capture = LayerCapture(drafter.capture)
-        target(prompt[None, :prefix_len], cache=cache, capture=capture)
+        target(prompt[None, :prefix_len], cache=cache, last_only=True, capture=capture)
         drafter.observe_target(capture.hidden[0, :-1])
         drafter.forward(prompt[:prefix_len], positions, None)
         return _Bench(cache, drafter, prompt[prefix_len:], prefix_len, drafter.length, capture.hidden[0, -1:])
     if prefix_len:
-        target(prompt[None, :prefix_len], cache=cache)
+        target(prompt[None, :prefix_len], cache=cache, last_only=True)
         drafter.forward(prompt[:prefix_len], positions, None)
     return _Bench(cache, drafter, prompt[prefix_len:], prefix_len, drafter.length)
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 import torch
 
 from radar.decoding.drafters import Drafter
-from radar.decoding.model import LayerCapture, Transformer
-from radar.decoding.session import DecodeSession, GenerationResult, OnCommit
+from radar.decoding.model import Transformer
+from radar.decoding.session import DecodeSession, GenerationResult, OnCommit, Speculation
 from radar.decoding.stop import StopPolicy
 from radar.decoding.tree import TreeConfig, build_tree
-from radar.decoding.verify import (Sampling, commit_path, committed_features, next_token, prefill_features, verify_tree,
-                                   walk)
+from radar.decoding.verify import Sampling, next_token, walk
 
 
 @torch.inference_mode()
@@ -53,28 +52,19 @@ def generate_speculative(
     on_commit: OnCommit | None = None,
 ) -> GenerationResult:
     """Speculative decoding with a dynamic draft tree; `policy` decides how many draft calls each cycle makes."""
+    if tree_cfg.branching > drafter.vocab_size:
+        raise ValueError(f"tree branching {tree_cfg.branching} exceeds the draft vocabulary ({drafter.vocab_size} tokens)")
     session = DecodeSession(target, prompt_ids, max_new_tokens, on_commit)
-    device = target.device
-    max_len = session.max_len + tree_cfg.max_nodes + 1
-    cache = target.new_cache(max_len)
-    drafter.begin(max_len)
-    target_pending = draft_pending = torch.tensor(prompt_ids, device=device)
-    capture = LayerCapture(drafter.capture) if drafter.capture else None  # a drafter reading the target's layers
-    if capture is not None:
-        target_pending = prefill_features(target, cache, drafter, capture, target_pending)
+    spec = Speculation(target, drafter, prompt_ids, session.max_len + tree_cfg.max_nodes + 1)
+    session.stats.target_calls += spec.prefill_calls
     while True:
         root_pos = session.root_position
         policy.reset()
-        tree = build_tree(drafter, draft_pending, root_pos, tree_cfg, policy)
+        tree = build_tree(drafter, spec.draft_pending, root_pos, tree_cfg, policy)
 
-        logits, base = verify_tree(target, cache, target_pending, tree, root_pos, capture)
+        logits, base = spec.verify(tree, root_pos)
         path, bonus = walk(tree, logits, sampling, generator)
-        n_fed = commit_path(cache, drafter, tree, path, base)
-        if capture is not None:
-            drafter.observe_target(committed_features(capture, target_pending.numel(), path))
-        new = tree.tokens[path].tolist() + [bonus]
+        new = spec.commit(tree, path, base, bonus)
         session.stats.count_cycle(len(new), tree.draft_calls)
         if not session.commit(new):
             return session.result()
-        target_pending = torch.tensor([bonus], device=device)
-        draft_pending = torch.tensor(new[n_fed:], device=device)

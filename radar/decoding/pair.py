@@ -106,8 +106,9 @@ class ModelPair:
         return self.encode(text, special_tokens=special)
 
     def decode(self, token_ids: list[int]) -> str:
-        """Text of token ids, special tokens left out."""
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        """Text of token ids, special tokens left out. Exactly the tokenizer's own decoding, without transformers'
+        optional space clean-up, so streamed text (decoded incrementally by the tokenizer) is the same text."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def generate(
         self,

@@ -3,7 +3,8 @@
 A `DecodeSession` owns what every loop needs besides the models: the token budget (the request, cut to the
 model's context), the committed tokens, the end-of-sequence check, the streaming `on_commit` callback, the
 statistics and the wall time. A loop forwards the models, hands each step's tokens to `commit`, and stops when it
-returns False.
+returns False. A `Speculation` owns the models' side of a speculative decode: both caches and the tokens each
+model has still to see.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from typing import Callable
 
 import torch
 
-from radar.decoding.model import Transformer
+from radar.decoding.drafters import Drafter
+from radar.decoding.model import LayerCapture, Transformer
+from radar.decoding.tree import DraftTree
+from radar.decoding.verify import commit_path, committed_features, prefill_features, verify_tree
 
 # Called with the tokens each step commits, as soon as they are committed (streaming); returning False stops
 # generation after them with finish_reason "stop" (a client went away, a stop string appeared).
@@ -144,3 +148,36 @@ class DecodeSession:
         self.stats.new_tokens = len(self.tokens)
         self.stats.finish_reason = self.finish_reason or "length"
         return GenerationResult(self.tokens, self.stats)
+
+
+class Speculation:
+    """The two caches of one speculative decode and what each model has still to see. The engine's loop and record
+    collection both drive it: `verify` a tree, then `commit` the accepted path and bonus token. The target always
+    holds every committed token but the newest (the next root), whose logits come with the next verification; a
+    drafter that reads the target's hidden states gets them for every token it is yet to be fed."""
+
+    def __init__(self, target: Transformer, drafter: Drafter, prompt_ids: list[int], max_len: int):
+        self.target, self.drafter = target, drafter
+        self.cache = target.new_cache(max_len)
+        drafter.begin(max_len)
+        self.target_pending = self.draft_pending = torch.tensor(prompt_ids, device=target.device)
+        self.capture = LayerCapture(drafter.capture) if drafter.capture else None
+        self.prefill_calls = 0  # target forwards before the first verification
+        if self.capture is not None:
+            self.target_pending = prefill_features(target, self.cache, drafter, self.capture, self.target_pending)
+            self.prefill_calls = int(self.target_pending.numel() < len(prompt_ids))
+
+    def verify(self, tree: DraftTree, root_pos: int) -> tuple[torch.Tensor, int]:
+        """The target's logits over the pending tokens and `tree` (see `verify_tree`), and the tree's first slot."""
+        return verify_tree(self.target, self.cache, self.target_pending, tree, root_pos, self.capture)
+
+    def commit(self, tree: DraftTree, path: list[int], base: int, bonus: int) -> list[int]:
+        """Keep the accepted `path` (tree node indices) in both caches; returns the committed tokens."""
+        n_fed = commit_path(self.cache, self.drafter, tree, path, base)
+        if self.capture is not None:
+            self.drafter.observe_target(committed_features(self.capture, self.target_pending.numel(), path))
+        new = tree.tokens[path].tolist() + [bonus]
+        device = self.target_pending.device
+        self.target_pending = torch.tensor([bonus], device=device)
+        self.draft_pending = torch.tensor(new[n_fed:], device=device)
+        return new

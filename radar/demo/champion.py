@@ -18,7 +18,8 @@ def choose_champion(records: str, costs: str, candidates: dict[str, dict], out: 
     from radar.controller.policy import load_controller
     from radar.controller.simulate import simulate
     from radar.ops.register import register_controller
-    from radar.ops.train import TRAIN_EXPERIMENT, split_records
+    from radar.common import tracking
+    from radar.ops.train import split_records
 
     _, fit, held = split_records(records, eval_fraction, seed)
     cost = CostModel.load(costs)
@@ -35,11 +36,9 @@ def choose_champion(records: str, costs: str, candidates: dict[str, dict], out: 
                                        "best_fixed_depth": depth, "table": sim.to_dict()}, indent=1) + "\n")
     version = None
     if track:
-        from radar.cluster.tune.sweep import TUNE_EXPERIMENT
-
         metrics = {"eval_speedup": speedups[choice], "best_fixed_speedup": sim.best_fixed.speedup,
                    "best_fixed_depth": depth, "candidate": choice, "source": "radar demo"}
-        experiment = TRAIN_EXPERIMENT if choice == "trained" else TUNE_EXPERIMENT
+        experiment = tracking.TRAIN_EXPERIMENT if choice == "trained" else tracking.TUNE_EXPERIMENT
         version = register_controller(out, candidates[choice]["run_id"], metrics=metrics, experiment=experiment)
     return {"path": str(out), "digest": controller_digest(out), "choice": choice, "speedups": speedups,
             "best_fixed_depth": depth, "best_fixed_speedup": sim.best_fixed.speedup, "version": version,

@@ -40,8 +40,8 @@ def _demo_bench() -> BenchConfig:
 
 @dataclass
 class DemoRunConfig:
-    """Every setting of a demo run. The defaults are the demo pair's on a CPU, sized so the whole run takes well
-    under 20 minutes on 2 cores."""
+    """Every setting of a demo run. The defaults are the demo pair's on a CPU, sized for a short run on a laptop
+    (benchmarks/README.md has its measured time)."""
 
     work_dir: str = "runs/demo"
     model: str | None = None  # target checkpoint directory; None: the demo pair (built on first use, cached)
@@ -82,8 +82,9 @@ class DemoRunConfig:
                      tune_epochs: int = 10, bench_limit: int = 20, repeats: int = 2, **top) -> "DemoRunConfig":
         """A config from `radar demo`'s flat options (the operations' configs check the rest)."""
         knobs = dict(limit_per_set=limit_per_set, workers=workers, epochs=epochs, trials=trials,
-                     tune_epochs=tune_epochs, bench_limit=bench_limit, repeats=repeats,
-                     max_new_tokens=top.get("max_new_tokens", 1))
+                     tune_epochs=tune_epochs, bench_limit=bench_limit, repeats=repeats)
+        if "max_new_tokens" in top:
+            knobs["max_new_tokens"] = top["max_new_tokens"]
         for name, value in knobs.items():
             if value < 1:  # named as the user typed it, before a config would name its own field
                 raise ValueError(f"{name} must be >= 1, got {value}")

@@ -101,6 +101,7 @@ class DemoPipeline:
         return self._pair
 
     def ensure_ray(self) -> None:
+        """Connect to Ray once per run (see `radar.cluster.ray_session.ensure_ray`)."""
         from radar.cluster.ray_session import ensure_ray
 
         self._ray_started = ensure_ray(self.cfg.ray_cpus, self.log) or self._ray_started
@@ -113,10 +114,10 @@ class DemoPipeline:
             ray.shutdown()
             self._ray_started = False
 
-    def decoding_inputs(self) -> dict:
+    def hardware_inputs(self) -> dict:
+        """What a timing depends on besides the pair: the tree, the device, the precision and the threads."""
         cfg = self.cfg
-        return {"tree": asdict(cfg.tree), "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                "seed": cfg.seed, "device": cfg.device, "dtype": cfg.dtype, "threads": cfg.threads}
+        return {"tree": asdict(cfg.tree), "device": cfg.device, "dtype": cfg.dtype, "threads": cfg.threads}
 
     # ---- the stages ----
 
@@ -162,7 +163,7 @@ class DemoPipeline:
         cfg, path = self.cfg, self.work / "costs.json"
         job = ProfileConfig(out=str(path), model=pair["target"], draft=pair["draft"], t_max=cfg.tree.max_calls,
                             k=cfg.tree.branching, tree_tokens=cfg.tree.total_tokens, repeats=cfg.profile_repeats)
-        inputs = {"pair": pair["digest"], "repeats": cfg.profile_repeats, **self.decoding_inputs()}
+        inputs = {"pair": pair["digest"], "repeats": cfg.profile_repeats, **self.hardware_inputs()}
 
         def body(resume: bool) -> dict:
             cost = profile(job, self.model_pair(pair))
@@ -185,7 +186,8 @@ class DemoPipeline:
                                t_max=cfg.tree.max_calls, k=cfg.tree.branching, total_tokens=cfg.tree.total_tokens,
                                temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
                                device=cfg.device, dtype=cfg.dtype, shard_size=plan.shard_size)
-        inputs = {"pair": pair["digest"], "plan": asdict(plan),
+        # Not the worker count: the records do not depend on it, and a rerun with another one must resume, not redo.
+        inputs = {"pair": pair["digest"], "sets": list(plan.sets), "limit_per_set": plan.limit_per_set,
                   **{k: v for k, v in config.to_dict().items() if k not in ("model", "draft", "prompts")}}
 
         def body(resume: bool) -> dict:
@@ -296,17 +298,20 @@ class DemoPipeline:
 
     def stage_bench(self, pair: dict, champion: dict) -> dict:
         """Real decoding, side by side: ar, hf, hf-assisted, the best fixed-depth tree and radar with the champion."""
-        from radar.ops.bench import benchmark
+        from radar.decoding.eagle3 import is_eagle3_dir
+        from radar.ops.bench import benchmark, log_benchmark
 
         cfg, path = self.cfg, self.work / "bench.json"
-        job = replace(cfg.bench, methods=["ar", "hf", "hf-assisted", f"tree:{champion['best_fixed_depth']}", "radar"],
+        # transformers' assisted generation takes a small LM as draft, not an EAGLE-3 head
+        hf = ["hf"] if is_eagle3_dir(pair["draft"]) else ["hf", "hf-assisted"]
+        job = replace(cfg.bench, methods=["ar", *hf, f"tree:{champion['best_fixed_depth']}", "radar"],
                       controller="models:/radar-controller@champion" if cfg.track else champion["path"],
                       model=pair["target"], draft=pair["draft"], device=cfg.device, dtype=cfg.dtype,
                       tree_tokens=cfg.tree.total_tokens, max_new_tokens=cfg.max_new_tokens,
                       temperature=cfg.temperature, seed=cfg.seed)
         inputs = {"pair": pair["digest"], "champion": champion["digest"], "version": champion["version"],
                   "bench": {k: v for k, v in asdict(job).items() if k not in ("model", "draft")},
-                  "tracking": self.store, **self.decoding_inputs()}
+                  "tracking": self.store, **self.hardware_inputs()}
 
         def body(resume: bool) -> dict:
             from rich.console import Console
@@ -314,9 +319,8 @@ class DemoPipeline:
 
             with Progress(console=Console(stderr=True), transient=True) as progress:
                 task = progress.add_task(f"benchmarking {job.prompts}", total=job.repeats * len(job.methods))
-                result, run_id = benchmark(job, path, cfg.track, pair=self.model_pair(pair), run_name="demo",
-                                           tags={"source": "radar demo"},
-                                           on_step=lambda m: progress.advance(task))
+                result = benchmark(job, path, pair=self.model_pair(pair), on_step=lambda m: progress.advance(task))
+            run_id = log_benchmark(job, result, run_name="demo", tags={"source": "radar demo"}) if cfg.track else None
             return {"path": str(path), "digest": content_digest([path]), "run_id": run_id,
                     "radar_speedup": result["methods"]["radar"]["speedup_vs_ar"]}
 

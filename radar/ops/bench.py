@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from radar.decoding.eagle3 import is_eagle3_dir
 from radar.decoding.methods import Method
 from radar.decoding.pair import ModelPair
 from radar.decoding.verify import Sampling
@@ -23,9 +24,6 @@ from radar.common.files import write_atomic
 from radar.common.prompts import Prompt, load_prompts
 from radar.ops.hf import HF_METHODS, HFRunner
 from radar.ops.models import attach_controller, load_pair, model_paths
-
-BENCH_EXPERIMENT = "radar-bench"
-
 
 
 @dataclass
@@ -46,9 +44,8 @@ class BenchConfig:
     controller: str | None = None  # for method radar; None: the bundled demo controller
 
     def __post_init__(self) -> None:
-        for m in self.methods:
-            if m not in HF_METHODS:
-                Method.parse(m)  # raises a clear error for unknown methods
+        # One name per method (`off` is `ar`), each once: unknown names raise a clear error here.
+        self.methods = list(dict.fromkeys(m if m in HF_METHODS else str(Method.parse(m)) for m in self.methods))
         if "ar" not in self.methods:
             self.methods = ["ar", *self.methods]  # speedups are against ar, measured in the same run
         if self.repeats < 1 or self.max_new_tokens < 1:
@@ -132,19 +129,20 @@ def run_bench(
 def benchmark(
     cfg: BenchConfig,
     out: str | Path | None = None,
-    track: bool = True,
     pair: ModelPair | None = None,
     on_step: Callable[[str], None] | None = None,
-    run_name: str | None = None,
-    tags: dict | None = None,
-) -> tuple[dict, str | None]:
-    """The `radar bench` operation: load the pair (unless given), decode every method, write the JSON result to
-    `out` and log it to MLflow (experiment radar-bench); returns (result, MLflow run id or None)."""
+) -> dict:
+    """The `radar bench` operation: load the pair (unless given), decode every method and write the JSON result to
+    `out`; `log_benchmark` then records it in MLflow."""
     prompts = load_prompts(cfg.prompts, cfg.limit)
     if pair is None:
         model, draft = model_paths(cfg.model, cfg.draft)
         cfg.model, cfg.draft = str(model), str(draft) if draft else None
-        pair = load_pair(model, draft, cfg.device, cfg.dtype, tree_tokens=cfg.tree_tokens)
+    if "hf-assisted" in cfg.methods and cfg.draft and is_eagle3_dir(cfg.draft):
+        raise ValueError(f"method hf-assisted needs a small LM as draft; {cfg.draft} is an EAGLE-3 head, which "
+                         "transformers' assisted generation cannot use (drop hf-assisted from --methods)")
+    if pair is None:
+        pair = load_pair(cfg.model, cfg.draft, cfg.device, cfg.dtype, tree_tokens=cfg.tree_tokens)
     if "radar" in cfg.methods:
         attach_controller(pair, cfg.controller)
     hf = HFRunner(cfg.model, cfg.draft, pair.target.device, pair.target.dtype) if set(cfg.methods) & set(HF_METHODS) \
@@ -152,11 +150,14 @@ def benchmark(
     result = run_bench(pair, prompts, cfg, hf, on_step)
     if out:
         write_atomic(out, json.dumps(result, indent=1) + "\n")
-    if not track:
-        return result, None
+    return result
+
+
+def log_benchmark(cfg: BenchConfig, result: dict, run_name: str | None = None, tags: dict | None = None) -> str:
+    """Log a benchmark's settings, per-method metrics and JSON to MLflow (experiment radar-bench); the run id."""
     from radar.common import tracking
 
-    with tracking.run(BENCH_EXPERIMENT, run_name=run_name, params={**asdict(cfg), **(tags or {})}) as active:
+    with tracking.run(tracking.BENCH_EXPERIMENT, run_name=run_name, params={**asdict(cfg), **(tags or {})}) as active:
         tracking.log_metrics({m: {k: v for k, v in r.items() if k != "outputs"} for m, r in result["methods"].items()})
         tracking.log_json(result, "bench.json")
-        return result, active.info.run_id
+        return active.info.run_id

@@ -78,22 +78,6 @@ def attach_controller(pair: ModelPair, spec: str | Path | None = None, greedy: b
     return pair
 
 
-def load_decoder(
-    model: str | Path | None = None,
-    draft: str | Path | None = None,
-    controller: str | Path | None = None,
-    with_controller: bool = False,
-    device: str = "auto",
-    dtype: str = "auto",
-) -> ModelPair:
-    """Target + draft (+ controller when `controller` is given or `with_controller`), ready for any method."""
-    target_dir, draft_dir = model_paths(model, draft)
-    pair = load_pair(target_dir, draft_dir, device=device, dtype=dtype)
-    if controller is not None or with_controller:
-        attach_controller(pair, controller)
-    return pair
-
-
 def download_controller(uri: str) -> Path:
     """A local directory for a registered controller (models:/name@alias or models:/name/version), cached."""
     from radar.common.tracking import download_model_dir

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
-from radar.common.files import write_atomic
 from radar.controller.mdp import CostModel
 from radar.controller.policy import load_controller
 from radar.controller.profile import profile_costs
@@ -36,5 +33,5 @@ def profile(cfg: ProfileConfig, pair: ModelPair | None = None) -> CostModel:
     controller = load_controller(cfg.controller, pair.target.device) if cfg.controller else None
     cost = profile_costs(pair, t_max=cfg.t_max, k=cfg.k, total_tokens=cfg.tree_tokens, repeats=cfg.repeats,
                          target_name=str(model), draft_name=str(draft), controller=controller)
-    write_atomic(Path(cfg.out), json.dumps(cost.to_dict(), indent=2, sort_keys=True) + "\n")
+    cost.save(cfg.out)
     return cost

@@ -7,21 +7,22 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from radar.cluster.tune.space import METRIC
-from radar.cluster.tune.sweep import TUNE_EXPERIMENT, best_checkpoint
 from radar.common import tracking
 from radar.common.files import new_dir
 from radar.controller.policy import CONFIG_FILE, WEIGHTS_FILE
 
-KEPT_METRICS = (METRIC, "eval_calls", "best_fixed_speedup", "speedup_vs_best_fixed", "epoch")
+CONTROLLER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+KEPT_METRICS = ("eval_speedup", "eval_calls", "best_fixed_speedup", "speedup_vs_best_fixed", "epoch")  # a trial's, kept on the version
 
 
 def export_best_trial(results, dest: str | Path) -> tuple[dict, str]:
     """Copy the best trial's controller (only its own files, not Tune's) to `dest` atomically; returns (the
     checkpoint's metrics, the trial id)."""
+    from radar.cluster.tune.sweep import best_checkpoint  # Ray Tune, only when there is a sweep
+
     ckpt, metrics, trial_id = best_checkpoint(results)
     with ckpt.as_directory() as d, new_dir(dest) as tmp:
-        for f in (CONFIG_FILE, WEIGHTS_FILE):
+        for f in CONTROLLER_FILES:
             shutil.copy2(Path(d) / f, tmp / f)
     return metrics, trial_id
 
@@ -31,7 +32,7 @@ def best_trial_run(trial_id: str) -> str | None:
     if not trial_id:
         return None
     with tracking.registry_errors("looking up the best trial's MLflow run"):
-        return tracking.find_run(TUNE_EXPERIMENT, {"trial_id": trial_id})
+        return tracking.find_run(tracking.TUNE_EXPERIMENT, {"trial_id": trial_id})
 
 
 def register_best_trial(results, name: str | None = None, alias: str | None = None) -> tuple[int, dict]:
@@ -41,12 +42,10 @@ def register_best_trial(results, name: str | None = None, alias: str | None = No
         metrics, trial_id = export_best_trial(results, Path(tmp) / "controller")
         keep = {k: metrics[k] for k in KEPT_METRICS if k in metrics}
         version = register_controller(Path(tmp) / "controller", best_trial_run(trial_id),
-                                               name=name or tracking.REGISTERED_MODEL, alias=alias or tracking.CHAMPION,
-                                               metrics={**keep, "trial_id": trial_id}, experiment=TUNE_EXPERIMENT)
+                                      name=name or tracking.REGISTERED_MODEL, alias=alias or tracking.CHAMPION,
+                                      metrics={**keep, "trial_id": trial_id}, experiment=tracking.TUNE_EXPERIMENT)
     return version, keep
 
-
-CONTROLLER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 
 
 def register_controller(

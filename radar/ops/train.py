@@ -7,12 +7,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from radar.common.files import new_dir
+from radar.common.files import new_files_in
 from radar.controller.dataset import RecordSet, read_records, train_test_split
 from radar.controller.policy import ControllerConfig
 from radar.controller.train import TrainConfig, train
 
-TRAIN_EXPERIMENT = "radar-train"
 
 
 @dataclass
@@ -47,7 +46,8 @@ def split_records(data: str | Path, eval_fraction: float, seed: int) -> tuple[Re
 
 
 def train_controller(job: TrainJob, on_epoch: Callable[[dict], None] | None = None) -> TrainOutcome:
-    """Train, save `job.out` atomically, and log params, per-epoch metrics and the controller to MLflow."""
+    """Train, save the controller's files into `job.out` (each replaced atomically, nothing else there touched), and
+    log params, per-epoch metrics and the controller to MLflow."""
     from radar.common import tracking
 
     records, fit, held = split_records(job.data, job.eval_fraction, job.train.seed)
@@ -62,10 +62,10 @@ def train_controller(job: TrainJob, on_epoch: Callable[[dict], None] | None = No
             on_epoch(metrics)
 
     # The run opens before training, so an unreachable tracking server fails fast rather than after the epochs.
-    with tracking.run(TRAIN_EXPERIMENT, run_name=job.run_name, params=params) if job.track else nullcontext() as run:
+    with tracking.run(tracking.TRAIN_EXPERIMENT, run_name=job.run_name, params=params) if job.track else nullcontext() as run:
         controller, history = train(fit, job.train, ctrl_cfg, on_epoch=epoch_done,
                                     eval_records=held if len(held) else None)
-        with new_dir(job.out) as tmp:
+        with new_files_in(job.out) as tmp:
             controller.save(tmp, meta={"train": job.train.to_dict(), "records": str(job.data),
                                        "history": history.epochs[-1:]})
             if job.track:

@@ -90,7 +90,7 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    """POST /v1/completions: the prompt is raw text, tokenized as is (like `radar generate`, BOS included when
+    """POST /v1/completions: the prompt is raw text, tokenized as is (like `radar generate --raw`, BOS included when
     the tokenizer adds one)."""
 
     prompt: str = Field(..., min_length=1)

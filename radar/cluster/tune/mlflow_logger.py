@@ -1,8 +1,8 @@
 """One MLflow run per Tune trial, logged from the driver.
 
-Ray's MLflowLoggerCallback writes every key of every result (config included) as its own request, about 30 SQLite
-transactions per report; on a sweep of many trials x 100 epochs that serialises the driver for minutes. This logger
-writes each result as one batch, and only the numeric results, with the trial's config as params."""
+Ray's MLflowLoggerCallback writes every key of every result (config included) as its own request, one SQLite
+transaction each, which on a long sweep serialises the driver. This logger writes each result as one batch, and
+only the numeric results, with the trial's config as params."""
 
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from radar.cluster.tune.space import METRIC, MODE, SEARCHES, SPACES, param_space
 from radar.cluster.tune.trainable import train_controller_trial
+from radar.common import tracking
 
-TUNE_EXPERIMENT = "radar-tune"  # MLflow experiment of the per-trial runs
 TUNER_STATE = "tuner.pkl"  # what Tune writes into an experiment directory it can restore
 
 
@@ -104,7 +104,7 @@ def build_tuner(cfg: SweepConfig):
     if cfg.track:
         from radar.cluster.tune.mlflow_logger import MLflowTrialLogger
 
-        callbacks.append(MLflowTrialLogger(TUNE_EXPERIMENT, tags={"sweep": cfg.name}))
+        callbacks.append(MLflowTrialLogger(tracking.TUNE_EXPERIMENT, tags={"sweep": cfg.name}))
     tuner = tune.Tuner(
         _trainable(cfg),
         param_space=space,

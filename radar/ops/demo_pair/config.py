@@ -59,10 +59,9 @@ class DemoConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     # The saved target's lm_head is the trained one times this, so sampling it at temperature 1 samples the trained
-    # model at temperature 1 / logit_scale. A model this small is far less sure of itself than a chat LLM (about
-    # 4.8 nats per token on its own temperature-1 answers; about 0.9 at scale 3): unscaled, its temperature-1
-    # text is word salad, and the verifier, which accepts a drafted token with the target's probability of it,
-    # accepts almost nothing (tau 1.2 at depth 4). Greedy decoding is unaffected.
+    # model at temperature 1 / logit_scale. A model this small is far less sure of itself than a chat LLM: unscaled,
+    # its temperature-1 text is word salad, and the verifier, which accepts a drafted token with the target's
+    # probability of it, accepts almost nothing (benchmarks/README.md). Greedy decoding is unaffected.
     logit_scale: float = 3.0
     # draft distillation
     draft_steps: int = 100

@@ -12,7 +12,8 @@ from typing import Callable, Iterator
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
     """Write `data` to `path` through a hidden temporary sibling and a rename."""
-    return write_atomic_with(path, lambda tmp: tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data))
+    write = (lambda tmp: tmp.write_bytes(data)) if isinstance(data, bytes) else (lambda tmp: tmp.write_text(data))
+    return write_atomic_with(path, write)
 
 
 def write_atomic_with(path: str | Path, write: Callable[[Path], object]) -> Path:

@@ -12,7 +12,8 @@ from radar.common.files import new_dir
 from radar.controller.policy import CONFIG_FILE, WEIGHTS_FILE
 
 CONTROLLER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
-KEPT_METRICS = ("eval_speedup", "eval_calls", "best_fixed_speedup", "speedup_vs_best_fixed", "epoch")  # a trial's, kept on the version
+# A trial's metrics that go on the registered version as tags.
+KEPT_METRICS = ("eval_speedup", "eval_calls", "best_fixed_speedup", "speedup_vs_best_fixed", "epoch")
 
 
 def export_best_trial(results, dest: str | Path) -> tuple[dict, str]:

@@ -62,7 +62,8 @@ def train_controller(job: TrainJob, on_epoch: Callable[[dict], None] | None = No
             on_epoch(metrics)
 
     # The run opens before training, so an unreachable tracking server fails fast rather than after the epochs.
-    with tracking.run(tracking.TRAIN_EXPERIMENT, run_name=job.run_name, params=params) if job.track else nullcontext() as run:
+    logged = tracking.run(tracking.TRAIN_EXPERIMENT, run_name=job.run_name, params=params) if job.track else None
+    with logged or nullcontext() as run:
         controller, history = train(fit, job.train, ctrl_cfg, on_epoch=epoch_done,
                                     eval_records=held if len(held) else None)
         with new_files_in(job.out) as tmp:

@@ -112,3 +112,13 @@ def test_cuda_without_a_gpu_is_a_one_line_error(tiny_pair):
 def test_unknown_dtype_is_a_one_line_error(tiny_pair):
     target, _ = tiny_pair
     assert_one_line_error(generate("--model", str(target), "--prompt", "hi", "--method", "ar", "--dtype", "fp8"), "--dtype")
+
+
+def test_generate_sends_a_chat_turn_unless_raw(tiny_pair):
+    target, _ = tiny_pair
+    common = ["--model", str(target), "--prompt", "hello", "--method", "ar", "--max-new-tokens", "2", "--json"]
+    chat = json.loads(generate(*common).stdout)
+    raw = json.loads(generate(*common, "--raw").stdout)
+    # The tiny tokenizer has no chat template: the turn is the plain "Question: ...\nAnswer:" layout, longer than
+    # the raw text.
+    assert chat["prompt_tokens"] > raw["prompt_tokens"] >= 1

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["make_tiny_llama", "hf_config", "load_hf_model", "hf_logits", "random_ids"]
+__all__ = ["make_tiny_llama", "make_tiny_eagle3", "hf_config", "load_hf_model", "hf_logits", "random_ids"]
 
 
 def hf_config(
@@ -148,3 +148,35 @@ def make_tiny_pair(root: Path) -> tuple[Path, Path]:
     model.save_pretrained(draft)
     add_tokenizer(draft)
     return target, draft
+
+
+def make_tiny_eagle3(
+    target,
+    *,
+    draft_vocab: int = 48,
+    layer_ids: tuple[int, ...] | None = None,
+    hidden: int | None = None,
+    embedding: bool = False,
+    seed: int = 0,
+):
+    """A random-init EAGLE-3 head (unbound) for a loaded target `Transformer`: norms near 1, projections at 0.1 std,
+    a random draft vocabulary of `draft_vocab` target ids. `hidden` other than the target's needs `embedding`."""
+    from dataclasses import replace
+
+    from radar.decoding.eagle3 import Eagle3Config, Eagle3Head, draft_vocab_maps
+
+    cfg = Eagle3Config.for_target(target.config, draft_vocab, layer_ids)
+    if hidden is not None:
+        heads = 4 if hidden % 4 == 0 else 1
+        cfg.layer = replace(cfg.layer, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=1,
+                            head_dim=hidden // heads, intermediate_size=2 * hidden)
+    head = Eagle3Head(cfg, embedding=embedding)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1.0 + 0.1 * noise if name.endswith("norm.weight") else (noise if "embed" in name else 0.1 * noise))
+        d2t, t2d = draft_vocab_maps(torch.randperm(target.config.vocab_size, generator=gen)[:draft_vocab], target.config.vocab_size)
+        head.d2t.copy_(d2t)
+        head.t2d.copy_(t2d)
+    return head.eval()

@@ -36,9 +36,12 @@ def generate(
     tree_tokens: opt.TreeTokens = None,
     device: opt.Device = "auto",
     dtype: opt.Dtype = "auto",
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as it is (already templated text) instead of as "
+                                                  "a user turn of the model's chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
-    """Generate text for one prompt with the target alone (ar) or speculatively."""
+    """Generate text for one prompt (a user turn of the chat template, or --raw text) with the target alone (ar)
+    or speculatively."""
     from radar.decoding.methods import Method
     from radar.decoding.verify import Sampling
     from radar.ops.models import attach_controller, load_pair
@@ -55,7 +58,8 @@ def generate(
         pair = load_pair(model, draft, device, dtype, tree_tokens=tree_tokens)
         if parsed.kind == "radar":
             attach_controller(pair, controller)
-        result = pair.generate(pair.encode(prompt), parsed, sampling, max_new_tokens, seed)
+        ids = pair.encode(prompt) if raw else pair.chat_ids(prompt)
+        result = pair.generate(ids, parsed, sampling, max_new_tokens, seed)
     text = pair.decode(result.token_ids)
     if as_json:
         out = {"text": text, "token_ids": result.token_ids, "method": str(parsed), **result.stats.summary()}

@@ -38,12 +38,13 @@ import torch
 from radar.controller.dataset import SCHEMA_VERSION, Record
 from radar.controller.state import frontier_state
 from radar.common.prompts import Prompt
-from radar.decoding.drafters import SmallLMDrafter
+from radar.decoding.model import LayerCapture
 from radar.decoding.pair import ModelPair
 from radar.decoding.session import DecodeSession
 from radar.decoding.stop import FixedDepth
 from radar.decoding.tree import DraftPool, DraftTree, TreeConfig, draft_pool, induced_tree, select_tree
-from radar.decoding.verify import Sampling, acceptance_distribution, commit_path, target_probs, verify_tree, walk
+from radar.decoding.verify import (Sampling, acceptance_distribution, commit_path, committed_features, prefill_features,
+                                   target_probs, verify_tree, walk)
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:
@@ -151,11 +152,11 @@ def collect_prompt(
         raise ValueError("collecting records needs a draft model (--draft PATH)")
     total_tokens = pair.tree.total_tokens if total_tokens is None else total_tokens
     cfg = TreeConfig(branching=k, max_calls=t_max, total_tokens=total_tokens)
-    if k > pair.draft.config.vocab_size:
-        raise ValueError(f"branching k={k} exceeds the vocabulary ({pair.draft.config.vocab_size} tokens)")
+    drafter = pair.drafter()
+    if k > drafter.vocab_size:
+        raise ValueError(f"branching k={k} exceeds the draft vocabulary ({drafter.vocab_size} tokens)")
     sampling = Sampling(temperature=temperature)
     target, device = pair.target, pair.target.device
-    drafter = SmallLMDrafter(pair.draft)
     target_name, draft_name = names or model_names(pair)
     generator = torch.Generator(device).manual_seed(prompt_seed(seed, prompt.id))
 
@@ -168,12 +169,15 @@ def collect_prompt(
     cache = target.new_cache(max_len)
     drafter.begin(max_len)
     target_pending = draft_pending = torch.tensor(prompt_ids, device=device)
+    capture = LayerCapture(drafter.capture) if drafter.capture else None  # a drafter reading the target's layers
+    if capture is not None:
+        target_pending = prefill_features(target, cache, drafter, capture, target_pending)
     records: list[Record] = []
     while True:
         root_pos = session.root_position
         pool = draft_pool(drafter, draft_pending, root_pos, cfg, FixedDepth(t_max))
         trees, union, nodes = cycle_trees(pool, t_max, total_tokens)
-        logits, base = verify_tree(target, cache, target_pending, union, root_pos)
+        logits, base = verify_tree(target, cache, target_pending, union, root_pos, capture)
         states = torch.stack([frontier_state(pool.scores[pool.depths == i], k) for i in range(1, t_max + 1)])
         dists = cycle_distributions(union, trees, nodes, logits, sampling, t_max)
         record = Record(states.cpu().numpy(), dists, prompt_id=str(prompt.id), position=root_pos, target=target_name,
@@ -186,7 +190,10 @@ def collect_prompt(
         deepest = nodes[-1]
         rows = torch.cat((torch.zeros(1, dtype=torch.long, device=deepest.device), 1 + deepest))
         path, bonus = walk(trees[-1], logits[rows], sampling, generator)
-        n_fed = commit_path(cache, drafter, union, deepest[path].tolist(), base)
+        union_path = deepest[path].tolist()
+        n_fed = commit_path(cache, drafter, union, union_path, base)
+        if capture is not None:
+            drafter.observe_target(committed_features(capture, target_pending.numel(), union_path))
         new = trees[-1].tokens[path].tolist() + [bonus]
         if not session.commit(new):
             return records, session.tokens

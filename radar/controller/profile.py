@@ -30,8 +30,8 @@ import torch
 from radar.controller.collect import model_names
 from radar.controller.mdp import CostModel
 from radar.controller.policy import ControllerPolicy, LSTMController
-from radar.decoding.drafters import SmallLMDrafter
-from radar.decoding.model import KVCache
+from radar.decoding.drafters import Drafter
+from radar.decoding.model import KVCache, LayerCapture
 from radar.decoding.pair import ModelPair
 from radar.decoding.session import sync
 from radar.decoding.stop import FixedDepth
@@ -116,13 +116,21 @@ class _Bench:
     """Both models on one cached prefix of random tokens; every timed run restarts from that prefix."""
 
     cache: KVCache
-    drafter: SmallLMDrafter
+    drafter: Drafter
     pending: torch.Tensor  # the root: the prefix's last token, which neither model has seen
     prefix_len: int
+    draft_base: int  # the drafter's state length after the prefix
+    root_features: torch.Tensor | None = None  # for a drafter reading the target: what it feeds the root with
 
     @property
     def root_pos(self) -> int:
         return self.prefix_len
+
+    def reset_drafter(self) -> None:
+        """Back to the prefix alone, ready to draft after the root again."""
+        self.drafter.keep(self.draft_base, [])
+        if self.root_features is not None:
+            self.drafter.observe_target(self.root_features)
 
 
 def _bench(pair: ModelPair, prompt_tokens: int, max_len: int, seed: int) -> _Bench:
@@ -132,12 +140,21 @@ def _bench(pair: ModelPair, prompt_tokens: int, max_len: int, seed: int) -> _Ben
     prompt = torch.randint(0, target.config.vocab_size, (prompt_tokens,), generator=gen).to(device)
     prefix_len = prompt_tokens - 1
     cache = target.new_cache(max_len)
-    drafter = SmallLMDrafter(pair.draft)
+    drafter = pair.drafter()
     drafter.begin(max_len)
+    positions = torch.arange(prefix_len, device=device)
+    if drafter.capture:  # an EAGLE-3 head: it feeds each token with the target's features of the one before
+        if prefix_len < 2:
+            raise ValueError("profiling a drafter that reads the target's features needs prompt_tokens >= 3")
+        capture = LayerCapture(drafter.capture)
+        target(prompt[None, :prefix_len], cache=cache, capture=capture)
+        drafter.observe_target(capture.hidden[0, :-1])
+        drafter.forward(prompt[:prefix_len], positions, None)
+        return _Bench(cache, drafter, prompt[prefix_len:], prefix_len, drafter.length, capture.hidden[0, -1:])
     if prefix_len:
         target(prompt[None, :prefix_len], cache=cache)
-        drafter.forward(prompt[:prefix_len], torch.arange(prefix_len, device=device), None)
-    return _Bench(cache, drafter, prompt[prefix_len:], prefix_len)
+        drafter.forward(prompt[:prefix_len], positions, None)
+    return _Bench(cache, drafter, prompt[prefix_len:], prefix_len, drafter.length)
 
 
 def _draft_call_times(bench: _Bench, cfg: TreeConfig, repeats: int, warmup: int, device: torch.device) -> list[float]:
@@ -145,7 +162,7 @@ def _draft_call_times(bench: _Bench, cfg: TreeConfig, repeats: int, warmup: int,
     clock, times = _CallClock(device), []
     cfg_clock = TreeConfig(cfg.branching, cfg.max_calls + 1, cfg.total_tokens)  # a query after call t_max too
     for r in range(warmup + repeats):
-        bench.drafter.keep(bench.prefix_len, [])
+        bench.reset_drafter()
         clock.reset()
         draft_pool(bench.drafter, bench.pending, bench.root_pos, cfg_clock, clock)
         if r >= warmup:  # queries before calls 2..t_max+1 bracket calls 2..t_max
@@ -162,7 +179,7 @@ def _decision_times(
     the controller's weights from the CPU caches."""
     policy = _TimedDecisions(ControllerPolicy(controller, greedy=True, seed=seed), device)
     for r in range(warmup + repeats):
-        bench.drafter.keep(bench.prefix_len, [])
+        bench.reset_drafter()
         policy.reset()
         policy.counting = r >= warmup
         draft_pool(bench.drafter, bench.pending, bench.root_pos, pool_cfg, policy)
@@ -210,7 +227,7 @@ def profile_costs(
     bench = _bench(pair, prompt_tokens, prompt_tokens + cfg.max_nodes + 2, seed)
 
     call_times = _draft_call_times(bench, cfg, repeats, warmup, device)
-    bench.drafter.keep(bench.prefix_len, [])
+    bench.reset_drafter()
     pool = draft_pool(bench.drafter, bench.pending, bench.root_pos, cfg, FixedDepth(t_max))
     tree = select_tree(pool, total_tokens)
 

@@ -1,9 +1,10 @@
-"""Drafters: whatever proposes draft tokens. One implementation today, a separate small causal LM.
+"""Drafters: whatever proposes draft tokens. A separate small causal LM here; an EAGLE-3 head in eagle3.py.
 
 The interface is what the tree builder needs: feed tokens (with a tree mask over the nodes fed so far this
 cycle) and get next-token log-probs back, then keep only the accepted path once the target has verified.
-An EAGLE-3 head would implement the same three methods, taking the target's hidden states through
-`observe_target` (the seam; the small-LM drafter ignores them).
+A drafter may read its own vocabulary (`target_ids` maps its token ids to the target's) and may read the
+target's hidden states: it names the layers in `capture`, and the loop hands it their outputs for every committed
+token through `observe_target` before the forward that feeds the tokens after them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from radar.decoding.model import Transformer
 class Drafter(ABC):
     """Proposes next-token log-probs for draft tree nodes and keeps its own per-sequence state."""
 
-    vocab_size: int
+    vocab_size: int  # of the drafter's own vocabulary, which `forward`'s log-probs cover
+    capture: tuple[int, ...] | None = None  # target layers whose outputs the drafter reads; None: it reads none
 
     @abstractmethod
     def begin(self, max_len: int) -> None:
@@ -31,14 +33,21 @@ class Drafter(ABC):
 
     @abstractmethod
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor | None) -> torch.Tensor:
-        """Log-probs (Q, V) of the next token after each of `tokens` (Q,), appending them to the state."""
+        """Log-probs (Q, vocab_size) of the next token after each of `tokens` (Q, target ids), appending them to the
+        state. Without `tree_mask` the tokens are committed ones, causal; with it (Q, T) they are tree nodes and its
+        columns are the last T slots, this cycle's tree nodes (the new ones last): a node's parent is the latest
+        tree slot it sees, or the last committed token when it sees none."""
 
     @abstractmethod
     def keep(self, start: int, slots: list[int]) -> None:
         """Keep state [0, start) and the given later slots in order; drop the rest."""
 
+    def target_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """The target's token ids for ids of the drafter's vocabulary (the same ids unless it has its own)."""
+        return ids
+
     def observe_target(self, hidden: torch.Tensor) -> None:  # noqa: B027 - optional hook
-        """Receive the target's hidden states for the accepted tokens (used by feature-level drafters)."""
+        """Receive the `capture` layers' outputs (N, C) for the next N committed tokens, in order."""
 
 
 class SmallLMDrafter(Drafter):

@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 
 from radar.decoding.drafters import Drafter
-from radar.decoding.model import Transformer
+from radar.decoding.model import LayerCapture, Transformer
 from radar.decoding.session import DecodeSession, GenerationResult, OnCommit
 from radar.decoding.stop import StopPolicy
 from radar.decoding.tree import TreeConfig, build_tree
-from radar.decoding.verify import Sampling, commit_path, next_token, verify_tree, walk
+from radar.decoding.verify import (Sampling, commit_path, committed_features, next_token, prefill_features, verify_tree,
+                                   walk)
 
 
 @torch.inference_mode()
@@ -58,14 +59,19 @@ def generate_speculative(
     cache = target.new_cache(max_len)
     drafter.begin(max_len)
     target_pending = draft_pending = torch.tensor(prompt_ids, device=device)
+    capture = LayerCapture(drafter.capture) if drafter.capture else None  # a drafter reading the target's layers
+    if capture is not None:
+        target_pending = prefill_features(target, cache, drafter, capture, target_pending)
     while True:
         root_pos = session.root_position
         policy.reset()
         tree = build_tree(drafter, draft_pending, root_pos, tree_cfg, policy)
 
-        logits, base = verify_tree(target, cache, target_pending, tree, root_pos)
+        logits, base = verify_tree(target, cache, target_pending, tree, root_pos, capture)
         path, bonus = walk(tree, logits, sampling, generator)
         n_fed = commit_path(cache, drafter, tree, path, base)
+        if capture is not None:
+            drafter.observe_target(committed_features(capture, target_pending.numel(), path))
         new = tree.tokens[path].tolist() + [bonus]
         session.stats.count_cycle(len(new), tree.draft_calls)
         if not session.commit(new):

@@ -156,6 +156,13 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     raise ModelLoadError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
+def rope_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of shape (B, 1, Q, D) for RoPE positions (B, Q)."""
+    freqs = position_ids[:, None, :, None].float() * inv_freq  # (B, 1, Q, D/2)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, H, Q, D) by the (B, 1, Q, D) angles, in the half-split layout HF uses."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -179,12 +186,13 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, in_features: int | None = None):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        d_in = in_features or cfg.hidden_size  # an EAGLE-3 head attends over [embedding, hidden]: 2 * hidden_size
+        self.q_proj = nn.Linear(d_in, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d_in, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d_in, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(self, x, cos, sin, mask, layer_cache: tuple[torch.Tensor, torch.Tensor] | None, start: int):
@@ -224,6 +232,24 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, layer_cache, start):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class LayerCapture:
+    """Asks a forward for some layers' outputs (the residual stream after layer i, 0-based, before the final norm);
+    the forward sets `hidden` (B, Q, len(layers) * hidden_size), concatenated in the order of `layers`."""
+
+    layers: tuple[int, ...]
+    hidden: torch.Tensor | None = None
+
+
+def attention_mask(q: int, start: int, tree_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+    """The (Q, start + Q) boolean mask of Q new tokens after `start` cached slots (see `Transformer.forward`)."""
+    if q == 1 and tree_mask is None:
+        return None  # one new token sees everything cached: no mask needed, and SDPA takes its fast path
+    tail = tree_mask.to(device) if tree_mask is not None else torch.ones(q, q, dtype=torch.bool, device=device).tril()
+    prefix = torch.ones(q, start + q - tail.shape[1], dtype=torch.bool, device=device)
+    return torch.cat((prefix, tail), dim=1)
 
 
 class KVCache:
@@ -286,12 +312,14 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         tree_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        capture: LayerCapture | None = None,
     ) -> torch.Tensor:
         """Logits for `input_ids` (B, Q), appending their keys and values to `cache`.
 
         `tree_mask` (Q, T) bool says which of the last T slots (the new tokens being the last Q of them) each new
         token sees: itself and its ancestors in a draft tree. Every slot before those T is visible to all. Without
-        it the new tokens are causal. `position_ids` default to the slots the tokens occupy.
+        it the new tokens are causal. `position_ids` default to the slots the tokens occupy. `capture`, when
+        given, receives the outputs of the layers it names for every new token (`last_only` cuts the logits only).
         """
         b, q = input_ids.shape
         start = cache.length if cache is not None else 0
@@ -299,28 +327,22 @@ class Transformer(nn.Module):
             raise ValueError(f"KV cache overflow: {start} + {q} tokens > {cache.max_len} slots")
         if position_ids is None:
             position_ids = torch.arange(start, start + q, device=input_ids.device).expand(b, q)
-        mask = self._mask(q, start, tree_mask, input_ids.device)
-
-        freqs = position_ids[:, None, :, None].float() * self.inv_freq  # (B, 1, Q, D/2)
-        angles = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        mask = attention_mask(q, start, tree_mask, input_ids.device)
+        cos, sin = rope_angles(position_ids, self.inv_freq, self.dtype)
 
         x = self.model.embed_tokens(input_ids)
+        kept = {}
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, mask, cache.layer(i) if cache is not None else None, start)
+            if capture is not None and i in capture.layers:
+                kept[i] = x
+        if capture is not None:
+            capture.hidden = torch.cat([kept[i] for i in capture.layers], dim=-1)
         if cache is not None:
             cache.length = start + q
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
-
-    @staticmethod
-    def _mask(q: int, start: int, tree_mask: torch.Tensor | None, device) -> torch.Tensor | None:
-        if q == 1 and tree_mask is None:
-            return None  # one new token sees everything cached: no mask needed, and SDPA takes its fast path
-        tail = tree_mask.to(device) if tree_mask is not None else torch.ones(q, q, dtype=torch.bool, device=device).tril()
-        prefix = torch.ones(q, start + q - tail.shape[1], dtype=torch.bool, device=device)
-        return torch.cat((prefix, tail), dim=1)
 
     # --------------------------------------------------------------------------------------- HF checkpoints
 

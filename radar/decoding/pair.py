@@ -9,7 +9,8 @@ from typing import Callable, Sequence
 import torch
 
 from radar.decoding.chat import Message, render_chat
-from radar.decoding.drafters import SmallLMDrafter
+from radar.decoding.drafters import Drafter, SmallLMDrafter
+from radar.decoding.eagle3 import Eagle3Drafter, Eagle3Head, is_eagle3_dir
 from radar.decoding.generate import generate_ar, generate_speculative
 from radar.decoding.methods import Method
 from radar.decoding.model import ModelLoadError, Transformer
@@ -54,7 +55,7 @@ class ModelPair:
     """A target, its optional draft, the tokenizer they share and the default draft tree."""
 
     target: Transformer
-    draft: Transformer | None
+    draft: Transformer | Eagle3Head | None  # a small LM sharing the tokenizer, or an EAGLE-3 head bound to target
     tokenizer: object  # a transformers PreTrainedTokenizerFast
     tree: TreeConfig
     # Builds a fresh stop policy for method `radar` from a request's seed and sampling settings (a new one per
@@ -71,10 +72,14 @@ class ModelPair:
         dtype: str = "auto",
         tree: TreeConfig | None = None,
     ) -> "ModelPair":
-        """Load a target (and optional draft) checkpoint directory and the target's tokenizer."""
+        """Load a target (and optional draft: a small LM or an EAGLE-3 head, told apart by its config.json)
+        checkpoint directory and the target's tokenizer."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         target = Transformer.from_pretrained(model, device=dev, dtype=dt)
+        if draft and is_eagle3_dir(draft):
+            head = Eagle3Head.from_pretrained(draft, device=dev, dtype=dt).bind(target)
+            return cls(target, head, load_tokenizer(model), tree or default_tree(dev))
         draft_model = Transformer.from_pretrained(draft, device=dev, dtype=dt) if draft else None
         if draft_model is not None and draft_model.config.vocab_size != target.config.vocab_size:
             raise ModelLoadError(
@@ -82,6 +87,12 @@ class ModelPair:
                 f"({target.config.vocab_size} tokens, {model}): the draft must share the target's tokenizer"
             )
         return cls(target, draft_model, load_tokenizer(model), tree or default_tree(dev))
+
+    def drafter(self) -> Drafter:
+        """A fresh drafter over the loaded draft (one per request: it holds that sequence's state)."""
+        if self.draft is None:
+            raise ValueError("no draft model loaded (--draft PATH)")
+        return Eagle3Drafter(self.draft) if isinstance(self.draft, Eagle3Head) else SmallLMDrafter(self.draft)
 
     def encode(self, prompt: str, special_tokens: bool = True) -> list[int]:
         """Token ids of raw text, with the tokenizer's special tokens (BOS) where it adds them."""
@@ -126,7 +137,7 @@ class ModelPair:
             cfg = replace(self.tree, max_calls=method.depth)
         policy = policy or FixedDepth(method.depth)
         return generate_speculative(
-            self.target, SmallLMDrafter(self.draft), prompt_ids, cfg, policy, sampling, max_new_tokens, generator,
+            self.target, self.drafter(), prompt_ids, cfg, policy, sampling, max_new_tokens, generator,
             on_commit,
         )
 

@@ -100,7 +100,7 @@ def draft_pool(
     ancestors = torch.zeros(cap, cap, dtype=torch.bool, device=device)
 
     top = logp.topk(k)
-    tokens[:k], parents[:k], depths[:k], scores[:k] = top.indices, -1, 1, top.values
+    tokens[:k], parents[:k], depths[:k], scores[:k] = drafter.target_ids(top.indices), -1, 1, top.values
     ancestors[:k, :k] = torch.eye(k, dtype=torch.bool, device=device)
     n, frontier, fed = k, torch.arange(k, device=device), torch.empty(0, dtype=torch.long, device=device)
     seen, calls = [], 1
@@ -120,7 +120,7 @@ def draft_pool(
         m = child.indices.numel()
         new = torch.arange(n, n + m, device=device)
         parent_of_new = frontier.repeat_interleave(k)
-        tokens[new] = child.indices.reshape(-1)
+        tokens[new] = drafter.target_ids(child.indices).reshape(-1)
         parents[new] = parent_of_new
         depths[new] = calls
         scores[new] = (frontier_scores[:, None] + child.values).reshape(-1)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from radar.decoding.drafters import Drafter
-from radar.decoding.model import KVCache, Transformer
+from radar.decoding.model import KVCache, LayerCapture, Transformer
 from radar.decoding.tree import DraftTree
 
 
@@ -63,19 +63,38 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 
 
 def verify_tree(
-    target: Transformer, cache: KVCache, pending: torch.Tensor, tree: DraftTree, root_pos: int
+    target: Transformer, cache: KVCache, pending: torch.Tensor, tree: DraftTree, root_pos: int,
+    capture: LayerCapture | None = None,
 ) -> tuple[torch.Tensor, int]:
     """One verification forward: the target's pending tokens (causal, root last) then the tree's nodes (each sees
     its ancestors). Returns (logits (1 + N, V): row 0 after the root, row 1 + i after node i; the cache slot of
-    node 0)."""
+    node 0). `capture` receives the hidden states of the pending tokens then the nodes."""
     device = pending.device
     n_pend, n_tree = pending.numel(), len(tree)
     mask = torch.ones(n_pend + n_tree, n_pend + n_tree, dtype=torch.bool, device=device).tril()
     mask[n_pend:, n_pend:] = tree.ancestors
     positions = torch.cat((torch.arange(root_pos - n_pend + 1, root_pos + 1, device=device), root_pos + tree.depths))
     base = cache.length + n_pend  # slot of the first tree node
-    logits = target(torch.cat((pending, tree.tokens))[None], positions[None], cache, mask)[0, n_pend - 1 :]
-    return logits, base
+    logits = target(torch.cat((pending, tree.tokens))[None], positions[None], cache, mask, capture=capture)
+    return logits[0, n_pend - 1 :], base
+
+
+def prefill_features(
+    target: Transformer, cache: KVCache, drafter: Drafter, capture: LayerCapture, prompt: torch.Tensor
+) -> torch.Tensor:
+    """For a drafter that reads the target's features: prefill all prompt tokens but the newest and hand the drafter
+    their features (it feeds each token with its predecessor's). Returns what the target has still to see."""
+    if prompt.numel() == 1:
+        return prompt
+    target(prompt[None, :-1], cache=cache, last_only=True, capture=capture)
+    drafter.observe_target(capture.hidden[0])
+    return prompt[-1:]
+
+
+def committed_features(capture: LayerCapture, n_pending: int, path: list[int]) -> torch.Tensor:
+    """The captured features of what a verification committed: the pending tokens, then the accepted nodes."""
+    rows = torch.cat((torch.arange(n_pending), n_pending + torch.tensor(path, dtype=torch.long)))
+    return capture.hidden[0, rows.to(capture.hidden.device)]
 
 
 def walk(

@@ -1,0 +1,29 @@
+"""A built wheel (what a non-editable install gets) carries every bundled data file the package reads."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_every_bundled_file(tmp_path):
+    # Built from a clean copy: a build/ folder left in the checkout would hide a file the package data misses.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "runs", "*.db", "mlruns",
+                                                             "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(src)], check=True, timeout=300, capture_output=True)
+    wheel = next(tmp_path.glob("radar_decoding-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    bundled = [p.relative_to(ROOT).as_posix() for p in (ROOT / "radar" / "data").rglob("*") if p.is_file()]
+    assert bundled, "no bundled files found"
+    missing = [p for p in bundled if p not in names]
+    assert missing == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from radar.cli import controller, decode, demo, models_cmd, serve, tune
+from radar.cli import controller, decode, demo, draft, models_cmd, serve, tune
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Lossless speculative decoding with a learned draft controller.")
@@ -19,8 +19,7 @@ app.command()(controller.train)
 app.command()(controller.simulate)
 app.command()(tune.tune)
 app.command("serve")(serve.serve)
-
-
+app.command("train-draft")(draft.train_draft)
 app.add_typer(models_cmd.models_app, name="models")
 
 

@@ -187,7 +187,8 @@ def train_epoch(model, cfg: LoopConfig, train, epoch: int, opt, sched, autocast)
         sums[1] += totals
         if rank == 0 and cfg.progress_dir and step % 5 == 0:
             write_atomic(Path(cfg.progress_dir) / PROGRESS_FILE, json.dumps(
-                {"epoch": epoch, "step": step + 1, "steps": len(batches), "ce_1": float(sums[0][0] / sums[1][0].clamp(min=1))}))
+                {"epoch": epoch, "step": step + 1, "steps": len(batches),  # rank 0's share, scaled up to the whole batch
+                 "ce_1": float(world * sums[0][0] / sums[1][0].clamp(min=1))}))
     all_sum(sums[0])
     return sums
 

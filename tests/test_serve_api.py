@@ -108,11 +108,11 @@ def assert_error(r: httpx.Response, status: int, *words: str) -> dict:
 # ---- equality with the CLI and across methods ----------------------------------------------------------------
 
 
-def test_completion_equals_radar_generate_json(server):
+def test_completion_equals_radar_generate_raw_json(server):
     result = CliRunner().invoke(
         __import__("radar.cli.app", fromlist=["app"]).app,
         ["generate", "--prompt", PROMPT, "--model", str(server.target), "--draft", str(server.draft),
-         "--method", "radar", "--controller", str(server.controller), "--max-new-tokens", str(N), "--json"],
+         "--method", "radar", "--controller", str(server.controller), "--max-new-tokens", str(N), "--raw", "--json"],
     )
     assert result.exit_code == 0, result.output
     cli = json.loads(result.stdout)

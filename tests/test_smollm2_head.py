@@ -1,0 +1,40 @@
+"""The shipped EAGLE-3 head on the real target (SmolLM2-135M-Instruct, fetched by `.ci/run`): it loads, drafts
+tokens the target accepts, and speculative greedy output equals the target alone in float32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import radar
+from radar.decoding.eagle3 import Eagle3Drafter
+from radar.decoding.pair import ModelPair
+
+HEAD = Path(radar.__file__).parent / "data" / "smollm2-eagle3"
+QUESTIONS = ("Write a Python function that reverses a string.", "Tom has 3 apples and buys 5 more. How many now?")
+
+
+@pytest.fixture(scope="module")
+def real_pair() -> ModelPair:
+    from radar.ops.fetch import is_complete, model_dir
+
+    target = model_dir("smollm2-135m-instruct")
+    if not is_complete(target):
+        pytest.skip("smollm2-135m-instruct not fetched (radar models fetch smollm2-135m-instruct)")
+    return ModelPair.load(target, HEAD, device="cpu", dtype="float32")
+
+
+def test_the_shipped_head_loads_as_an_eagle3_drafter(real_pair):
+    assert isinstance(real_pair.drafter(), Eagle3Drafter)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("question", QUESTIONS)
+def test_greedy_tree_and_chain_with_the_head_equal_ar_and_accept_drafts(real_pair, question):
+    ids = real_pair.chat_ids(question)
+    ar = real_pair.generate(ids, "ar", max_new_tokens=32)
+    tree = real_pair.generate(ids, "tree:4", max_new_tokens=32)
+    chain = real_pair.generate(ids, "chain:3", max_new_tokens=32)
+    assert tree.token_ids == ar.token_ids == chain.token_ids
+    assert tree.stats.tau > 1.2  # the trained head's drafts are accepted, not just verified away

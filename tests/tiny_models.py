@@ -68,33 +68,16 @@ def hf_config(
 def make_tiny_llama(
     tmp_path: str | Path,
     *,
-    vocab: int = 128,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    head_dim: int | None = None,
-    intermediate: int | None = None,
-    tie: bool = False,
-    rope_scaling: dict | None = None,
-    rope_theta: float = 10000.0,
-    model_type: str = "llama",
-    attention_bias: bool = False,
     seed: int = 0,
-    max_pos: int = 512,
-    eos: int | list[int] | None = None,
-    bos: int | None = None,
     max_shard_size: str | None = None,
     name: str = "tiny",
+    **shape,
 ) -> Path:
-    """Save a random-init tiny HF causal LM to `tmp_path / name` and return that directory."""
+    """Save a random-init tiny HF causal LM to `tmp_path / name` and return that directory; `shape` takes
+    `hf_config`'s keywords (vocab, hidden, layers, heads, kv_heads, tie, model_type, eos, bos, ...)."""
     from transformers import AutoModelForCausalLM
 
-    cfg = hf_config(
-        vocab=vocab, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-        intermediate=intermediate, tie=tie, rope_scaling=rope_scaling, rope_theta=rope_theta,
-        model_type=model_type, attention_bias=attention_bias, max_pos=max_pos, eos=eos, bos=bos,
-    )
+    cfg = hf_config(**shape)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)

@@ -3,6 +3,8 @@ its Ray Train path (1 and 2 workers alike, resume from a checkpoint), with its o
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import json
 from dataclasses import replace
 
@@ -122,6 +124,14 @@ def test_the_recipe_registers_the_head_in_mlflow(recipe):
     assert result.version is not None
     local = download_head("models:/radar-eagle3-head@champion")
     assert (local / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_a_registered_head_is_a_draft_by_its_uri(recipe):
+    from radar.ops.models import model_paths
+
+    target, _, _ = recipe
+    assert model_paths(target, "models:/radar-eagle3-head@champion") == (
+        Path(target), download_head("models:/radar-eagle3-head@champion"))
 
 
 def loop_for(recipe, **kw) -> LoopConfig:

@@ -13,6 +13,7 @@ from radar.common.paths import cache_dir
 DEFAULT_URI = "sqlite:///mlflow.db"
 # One experiment per command that logs.
 BENCH_EXPERIMENT, TRAIN_EXPERIMENT, TUNE_EXPERIMENT = "radar-bench", "radar-train", "radar-tune"
+TRAIN_DRAFT_EXPERIMENT = "radar-train-draft"
 
 
 def tracking_uri() -> str:

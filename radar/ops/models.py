@@ -25,6 +25,10 @@ def model_paths(model: str | Path | None, draft: str | Path | None) -> tuple[Pat
         if draft is not None:
             raise ValueError("--draft given without --model: name the target too")
         return ensure_demo_pair()
+    if draft is not None and str(draft).startswith("models:/"):  # a head registered by radar train-draft
+        from radar.ops.train_draft import download_head
+
+        return Path(model), download_head(str(draft))
     return Path(model), Path(draft) if draft else None
 
 

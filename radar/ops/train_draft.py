@@ -20,7 +20,6 @@ from pathlib import Path
 from radar.common.files import new_dir, write_atomic
 from radar.common.prompts import Prompt, load_prompts
 
-EXPERIMENT = "radar-train-draft"
 REGISTERED_HEAD = "radar-eagle3-head"
 HEAD_FILES = ("config.json", "model.safetensors")
 
@@ -254,7 +253,7 @@ def track(cfg: TrainDraftConfig, result: TrainDraftResult) -> None:
     """Log the run (params, the curve per epoch, the head) and register the head as `radar-eagle3-head@champion`."""
     from radar.common import tracking
 
-    with tracking.run(EXPERIMENT, params={k: v for k, v in asdict(cfg).items() if k not in ("progress", "track")}) as run:
+    with tracking.run(tracking.TRAIN_DRAFT_EXPERIMENT, params={k: v for k, v in asdict(cfg).items() if k not in ("progress", "track")}) as run:
         for point in result.curve:
             tracking.log_metrics({k: v for k, v in point.items() if k != "epoch"}, step=int(point["epoch"]))
         tracking.log_metrics({"data": result.data, "seconds": result.seconds})

@@ -4,9 +4,9 @@ One run, one local Ray instance, the same prompts and settings for every row; ea
 directory, and its records are checked identical to the in-process row's. Actor start-up (a new process importing
 torch and loading the pair) is timed separately and reported both ways: end to end, and without start-up.
 
-Usage: python benchmarks/bench_collect.py [--pair tiny|demo] [--prompts mt_bench] [--limit 24]
+Usage: python benchmarks/bench_collect.py [--pair tiny|default] [--prompts mt_bench] [--limit 24]
        [--max-new-tokens 64] [--shard-size 2] [--out benchmarks/results/collect-scaling.json]
-The tiny pair is built in a temp dir with the tests' helpers; the demo pair is read from ~/.cache/radar/demo.
+The tiny pair is built in a temp dir with the tests' helpers; the default pair is SmolLM2-135M-Instruct with its bundled EAGLE-3 head.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def same_records(a, b) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pair", choices=["tiny", "demo"], default="tiny")
+    ap.add_argument("--pair", choices=["tiny", "default"], default="tiny")
     ap.add_argument("--prompts", default="mt_bench")
     ap.add_argument("--limit", type=int, default=24)
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -84,8 +84,9 @@ def main() -> None:
     if args.pair == "tiny":
         target, draft = tiny_pair(tmp / "pair")
     else:
-        demo = Path(os.environ.get("RADAR_HOME", Path.home() / ".cache" / "radar")) / "demo"
-        target, draft = demo / "target", demo / "draft"  # read only
+        from radar.ops.models import default_pair
+
+        target, draft = default_pair()
     prompts = load_prompts(args.prompts, args.limit)
     config = CollectConfig(model=str(target), draft=str(draft), prompts=args.prompts, t_max=args.t_max, k=args.k,
                            max_new_tokens=args.max_new_tokens, device="cpu", shard_size=args.shard_size)

@@ -1,6 +1,6 @@
 """Load benchmark of the Ray Serve endpoint: N concurrent clients, speculation on (radar / tree:D) against off.
 
-Starts Serve on 127.0.0.1 with the pair (default: the demo pair and its bundled controller), or uses a running
+Starts Serve on 127.0.0.1 with the pair (default: SmolLM2-135M-Instruct, its EAGLE-3 head and the bundled controllers), or uses a running
 server (--url). First a reference pass: every prompt once, alone, at temperature 0 with speculation off. Then for
 each speculation mode a load phase: --clients concurrent httpx clients send --requests requests in all (prompt i
 is prompts[i % len(prompts)]), stopping early after --duration seconds. Every response must equal the reference
@@ -9,7 +9,7 @@ text for its prompt (decoding is lossless, so concurrency and speculation must n
 Reports per mode: requests/s, p50/p99 latency, completion tokens/s, errors, mismatches, mean tau, draft calls per
 cycle and the server's queue wait; writes benchmarks/results/serve-load-<name>.json.
 
-    python benchmarks/bench_serve.py --clients 8 --requests 64                      # demo pair
+    python benchmarks/bench_serve.py --clients 8 --requests 64                      # the default pair
     python benchmarks/bench_serve.py --model T --draft D --controller C --modes off,radar,tree:4
     python benchmarks/bench_serve.py --url http://127.0.0.1:8000 --api-key KEY       # a running `radar serve`
 """
@@ -169,9 +169,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", help="Benchmark a running server instead of starting one.")
     ap.add_argument("--api-key", default=os.environ.get("RADAR_API_KEY"))
-    ap.add_argument("--model", help="Target checkpoint directory. Default: the demo pair.")
+    ap.add_argument("--model", help="Target checkpoint directory. Default: SmolLM2-135M-Instruct + its EAGLE-3 head.")
     ap.add_argument("--draft")
-    ap.add_argument("--controller", help="Controller for radar. Default: the bundled demo controller.")
+    ap.add_argument("--controller", help="Controller for radar. Default: the bundled controllers.")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--replicas", type=int, default=1)
     ap.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica.")
@@ -202,7 +202,7 @@ def main() -> None:
             from ray import serve
 
             serve.shutdown()
-    name = args.name or (Path(args.model).name if args.model else "demo")
+    name = args.name or (Path(args.model).name if args.model else "smollm2")
     out = args.out or RESULTS / f"serve-load-{name}.json"
     result.update(
         url=url, clients=args.clients, requests_per_mode=args.requests, max_tokens=args.max_tokens,

@@ -1,6 +1,6 @@
-"""The controller experiment on the demo pair (issue 5): profile -> collect -> train -> simulate on held-out prompts.
+"""The controller experiment on the default pair (SmolLM2-135M-Instruct + its EAGLE-3 head): profile -> collect -> train -> simulate on held-out prompts.
 
-Records come from MT-bench + Alpaca prompts (training) and GSM8K + MBPP prompts (held out), decoded by the demo pair
+Records come from MT-bench + Alpaca prompts (training) and GSM8K + MBPP prompts (held out), decoded by the default pair
 with the CPU tree (branching 2, 12 verified nodes, t_max 8), at temperature 0 and 1. Controllers are trained with
 paper-exact REINFORCE and with our improvements, and every policy is scored by the simulator on the held-out records
 under the cost file measured here. Every stage skips work already on disk, so a rerun only redoes what is missing.
@@ -28,7 +28,7 @@ from radar.controller.profile import profile_costs
 from radar.controller.simulate import plot, simulate
 from radar.controller.train import TrainConfig, train
 from radar.decoding.pair import ModelPair
-from radar.ops.demo_pair import ensure_demo_pair
+from radar.ops.models import default_pair
 from radar.common.prompts import load_prompts
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -83,7 +83,7 @@ def stage_train(work: Path, name: str, records_path: Path, cost: CostModel, temp
 
 def run(work: Path, temperatures: list[float], hidden: int, variants: list[str]) -> None:
     torch.set_num_threads(1)
-    target, draft = ensure_demo_pair()
+    target, draft = default_pair()
     pair = ModelPair.load(target, draft, device="cpu", dtype="float32")
     pair.tree = replace(pair.tree, branching=K, max_calls=T_MAX, total_tokens=TREE_TOKENS)
     size = ControllerConfig(input_size=K, hidden_size=hidden, mlp_hidden=hidden)

@@ -55,3 +55,15 @@ def test_empty_file_is_rejected(tmp_path):
     f.write_text("\n")
     with pytest.raises(PromptFileError, match="no prompts"):
         load_prompts(f)
+
+
+def test_sets_joined_with_plus_take_the_limit_from_each_and_prefix_ids():
+    joined = load_prompts("mt_bench+gsm8k", limit=3)
+    assert [p.id.split("/")[0] for p in joined] == ["mt_bench"] * 3 + ["gsm8k"] * 3
+    assert [p.text for p in joined] == [p.text for p in load_prompts("mt_bench", 3) + load_prompts("gsm8k", 3)]
+    assert len({p.id for p in joined}) == 6
+
+
+def test_a_missing_set_in_a_join_is_named(tmp_path):
+    with pytest.raises(PromptFileError, match="nope.jsonl"):
+        load_prompts(f"mt_bench+{tmp_path / 'nope.jsonl'}")

@@ -98,7 +98,7 @@ def test_config_file_may_be_a_serve_deploy_file():
     fields = config_fields_from_file(SERVE_CONFIG)
     assert (fields["app_name"], fields["route_prefix"], fields["host"], fields["port"]) == ("radar", "/",
                                                                                          "127.0.0.1", 8000)
-    assert fields["model_name"] == "radar-demo" and fields["speculation"] == "radar"
+    assert fields["model_name"] == "radar-smollm2" and fields["speculation"] == "radar"
 
 
 @pytest.mark.parametrize("text,message", [("- a\n- b\n", "expected a YAML mapping"),
@@ -129,7 +129,7 @@ def test_radar_serve_cli_builds_the_config_from_file_and_flags(monkeypatch, tmp_
     cfg = seen["cfg"]
     assert (cfg.model, cfg.port, cfg.host, cfg.speculation, cfg.api_key) == (str(target), 8123, "127.0.0.1",
                                                                             "tree:3", "k")
-    assert cfg.model_name == "radar-demo" and cfg.timeout_s == 120  # from the file
+    assert cfg.model_name == "radar-smollm2" and cfg.timeout_s == 120  # from the file
     result = CliRunner().invoke(cli.app, ["serve", "--model", str(target), "--speculation", "beam"])
     assert result.exit_code == 2 and "speculation" in result.stderr
 

@@ -11,7 +11,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 app.command()(decode.generate)
 app.command()(decode.bench)
-app.command("demo-models")(demo.demo_models)
 app.command()(demo.demo)
 app.command()(controller.profile)
 app.command()(controller.collect)

@@ -15,7 +15,7 @@ from radar.cli.errors import UserError, say, user_errors
 
 
 def resolve_models(model: Path | None, draft: Path | None) -> tuple[Path, Path | None]:
-    """The checkpoints to load; the demo pair (said so on stderr) when no --model is given."""
+    """The checkpoints to load; the default pair (said so on stderr) when no --model is given."""
     from radar.ops.models import model_paths
 
     note_default_pair(model, draft)
@@ -23,9 +23,9 @@ def resolve_models(model: Path | None, draft: Path | None) -> tuple[Path, Path |
 
 
 def note_default_pair(model: Path | None, draft: Path | None) -> None:
-    """Say on stderr that the demo pair is used when no checkpoint is named."""
+    """Say on stderr that the default pair is used when no checkpoint is named."""
     if model is None and draft is None:
-        say("No --model given: using the demo pair (built on first use).")
+        say("No --model given: using SmolLM2-135M-Instruct with its bundled EAGLE-3 head.")
 
 
 def generate(

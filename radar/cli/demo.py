@@ -1,4 +1,4 @@
-"""`radar demo` (the whole pipeline) and `radar demo-models` (the demo pair alone)."""
+"""`radar demo`: the whole pipeline on the default pair (or the --model/--draft checkpoints)."""
 
 from __future__ import annotations
 
@@ -15,22 +15,9 @@ from radar.cli import options as opt
 from radar.cli.errors import err, say, user_error_types, user_errors
 
 
-def demo_models(
-    out: Optional[Path] = typer.Option(None, help="Where to put the pair. Default: ~/.cache/radar/demo (or $RADAR_HOME/demo)."),
-    seed: int = typer.Option(0, help="Training seed: the same seed gives the same weights."),
-) -> None:
-    """Train the demo tokenizer, target and distilled draft (minutes on a laptop CPU); a complete pair
-    built with the same settings is reused (delete the directory to rebuild)."""
-    from radar.ops.demo_pair import DemoConfig, ensure_demo_pair
-
-    with user_errors():
-        target, draft = ensure_demo_pair(DemoConfig(seed=seed), out)
-    Console().print(f"target: {target}\ndraft:  {draft}")
-
-
 def demo(
     work_dir: Path = typer.Option(Path("runs/demo"), help="Where every stage's output and stages.json go."),
-    fresh: bool = typer.Option(False, "--fresh", help="Redo every stage (the cached demo pair is kept)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Redo every stage (the fetched target is kept)."),
     model: opt.Model = None,
     draft: opt.Draft = None,
     limit_per_set: int = typer.Option(40, help="Prompts collected from each of MT-bench and Alpaca."),
@@ -44,9 +31,9 @@ def demo(
     device: str = typer.Option("cpu", help="cpu (the tree settings are the CPU ones) or cuda[:N]."),
     track: bool = typer.Option(True, help="Log to MLflow and register the champion controller."),
 ) -> None:
-    """The whole pipeline on the demo pair: build (or reuse) it, measure its costs, collect records on Ray actors,
-    train a controller, run a small tuning sweep, register the better controller as the champion, and benchmark
-    ar, hf, hf-assisted, the best fixed tree and radar. Every stage skips work already done (WORK_DIR/stages.json);
+    """The whole pipeline on SmolLM2-135M-Instruct and its EAGLE-3 head: fetch the target, measure the costs,
+    collect records on Ray actors, train a controller, run a small tuning sweep, register the better controller
+    as the champion, and benchmark ar, hf, hf prompt lookup, the best fixed tree and radar. Every stage skips work already done (WORK_DIR/stages.json);
     after a failure, the same command resumes from the failed stage."""
     from radar.demo.config import DemoRunConfig
     from radar.demo.pipeline import run_demo

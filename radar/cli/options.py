@@ -14,7 +14,7 @@ Device = Annotated[str, typer.Option(help="auto (CUDA if present, else CPU), cpu
 Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16")]
 Controller = Annotated[Optional[str], typer.Option(
     help="Controller for method radar: a directory from radar train, a reference .pt file or "
-         "models:/radar-controller@champion. Default: the controller trained for the demo pair.")]
+         "models:/radar-controller@champion. Default: the controllers bundled for the default pair.")]
 TreeTokens = Annotated[Optional[int], typer.Option(help="Tree nodes verified per cycle (default 60 on GPU, 12 on CPU).")]
 Prompts = Annotated[str, typer.Option(help="A jsonl file, or a bundled set: mt_bench, gsm8k, alpaca, mbpp.")]
 Costs = Annotated[str, typer.Option(help="Cost file from radar profile, or a preset name.")]

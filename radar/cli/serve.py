@@ -23,25 +23,23 @@ def wait_for_interrupt() -> None:
 
 
 def serve_config(fields: dict):
-    """The validated ServeConfig for these fields, with the demo pair and bundled controller filled in."""
+    """The validated ServeConfig for these fields, with the default pair and bundled controller filled in."""
     from pydantic import ValidationError
 
-    from radar.ops.models import BUNDLED_CONTROLLER, bundled_controller_available, controller_path, model_paths
+    from radar.ops.models import controller_path, model_paths
     from radar.serve.config import ServeConfig
 
     if fields.get("model") is None:
-        say("No --model given: serving the demo pair (built on first use).")
+        say("No --model given: serving SmolLM2-135M-Instruct with its bundled EAGLE-3 head.")
         target, draft_dir = model_paths(None, fields.get("draft"))
-        fields.update(model=str(target), draft=str(draft_dir), model_name=fields.get("model_name") or "radar-demo")
+        fields.update(model=str(target), draft=str(draft_dir), model_name=fields.get("model_name") or "radar-smollm2")
     for key in ("model", "draft"):
         if fields.get(key) and not Path(fields[key]).is_dir():
             raise UserError(f"--{key} {fields[key]}: no such checkpoint directory")
-    if fields.get("controller"):
-        # Resolved here: a typo fails now with one line, and a models:/ URI is downloaded once, not per replica.
-        fields["controller"] = str(controller_path(fields["controller"]))
-    elif not bundled_controller_available():
-        say(f"[yellow]no --controller and no bundled controller at {BUNDLED_CONTROLLER}: speculation "
-            "'radar' is unavailable, the default becomes tree:4[/]")
+    if fields.get("draft"):
+        # Resolved here: a typo or a broken install fails now with one line, and a models:/ URI is downloaded
+        # once, not per replica.
+        fields["controller"] = str(controller_path(fields.get("controller")))
     try:
         return ServeConfig.model_validate(fields)
     except ValidationError as exc:

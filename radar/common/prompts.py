@@ -41,7 +41,11 @@ def resolve(spec: str | Path) -> Path:
 
 
 def load_prompts(spec: str | Path, limit: int | None = None) -> list[Prompt]:
-    """Read a prompt set; `limit` keeps the first N."""
+    """Read a prompt set; `limit` keeps the first N. `a+b` joins sets (the first `limit` of each), their ids
+    prefixed with the set's name since sets reuse ids."""
+    parts = str(spec).split("+")
+    if len(parts) > 1 and all(parts):
+        return [Prompt(f"{part}/{p.id}", p.text, p.source) for part in parts for p in load_prompts(part, limit)]
     path = resolve(spec)
     source = str(spec) if str(spec) in BUNDLED else str(path)
     prompts: list[Prompt] = []

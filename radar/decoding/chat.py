@@ -1,5 +1,5 @@
 """Chat prompts: a conversation rendered with the tokenizer's chat template, or the plain one-turn layout for
-models that have none (what the demo pair is trained on).
+models that have none (the tiny test models).
 
 Without a template, a conversation must be optional leading system messages, then user/assistant turns
 alternating, starting and ending with a user turn. It renders as the system text and a blank line, then one

@@ -15,7 +15,7 @@ from radar.decoding.model import Transformer
 from radar.decoding.session import DecodeSession, GenerationResult, OnCommit, Speculation
 from radar.decoding.stop import StopPolicy
 from radar.decoding.tree import TreeConfig, build_tree
-from radar.decoding.verify import Sampling, next_token, walk
+from radar.decoding.verify import Sampling, next_token, prefill, walk
 
 
 @torch.inference_mode()
@@ -30,7 +30,8 @@ def generate_ar(
     """Plain autoregressive decoding: one target call per token."""
     session = DecodeSession(target, prompt_ids, max_new_tokens, on_commit)
     cache = target.new_cache(session.max_len)
-    logits = target(torch.tensor([prompt_ids], device=target.device), cache=cache, last_only=True)[0, -1]
+    pending = prefill(target, cache, torch.tensor(prompt_ids, device=target.device))
+    logits = target(pending[None], cache=cache)[0, -1]
     while True:
         session.stats.target_calls += 1
         token = next_token(logits, sampling, generator)

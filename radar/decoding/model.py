@@ -206,7 +206,9 @@ class Attention(nn.Module):
             k_cache[:, :, start : start + q] = xk
             v_cache[:, :, start : start + q] = xv
             xk, xv = k_cache[:, :, : start + q], v_cache[:, :, : start + q]
-        out = F.scaled_dot_product_attention(xq, xk, xv, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        # In the cache's precision (see KVCache), back to the model's after.
+        out = F.scaled_dot_product_attention(xq.to(xk.dtype), xk, xv, attn_mask=mask,
+                                             enable_gqa=self.n_kv != self.n_heads).to(x.dtype)
         return self.o_proj(out.transpose(1, 2).reshape(b, q, -1))
 
 
@@ -253,7 +255,14 @@ def attention_mask(q: int, start: int, tree_mask: torch.Tensor | None, device) -
 
 
 class KVCache:
-    """Preallocated keys and values for every layer; `length` slots are filled."""
+    """Preallocated keys and values for every layer; `length` slots are filled. Attention runs in the cache's dtype.
+
+    An exact cache (float64) makes speculation lossless bit for bit on a CPU: a token verified inside a tree sees
+    its keys at other slots, among masked siblings, in a longer row than when AR decodes it alone, and the CPU's
+    attention kernels sum in an order that depends on that layout. In bf16 or even fp32 the difference rounds into
+    the model's activations and flips near-tied argmaxes within a hundred tokens; in float64 it stays ~1e-16, far
+    below one bf16 or fp32 rounding step. The linear layers need nothing: their rows do not depend on how many rows
+    they are given (up to 32 on x86; longer prompts go through the same `prefill` in every decoder)."""
 
     def __init__(self, cfg: ModelConfig, max_len: int, batch: int = 1, device=None, dtype=torch.float32):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -302,8 +311,10 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
-        return KVCache(self.config, max_len, batch, device=self.device, dtype=self.dtype)
+    def new_cache(self, max_len: int, batch: int = 1, exact: bool | None = None) -> KVCache:
+        """A cache for decoding; `exact` (default: on a CPU) keeps it in float64 (see KVCache)."""
+        exact = self.device.type == "cpu" if exact is None else exact
+        return KVCache(self.config, max_len, batch, device=self.device, dtype=torch.float64 if exact else self.dtype)
 
     def forward(
         self,

@@ -33,10 +33,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (x86 AVX512-BF16 or AMX, Arm's BF16 extension)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: no cheap way to tell, so the safe float32
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16", "bf16"))
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` is bfloat16 on a GPU and float32 on the CPU (where half precision is slow)."""
+    """`auto` is bfloat16 on a GPU and on a CPU with native bf16 (verification of a tree then costs little more
+    than one token: benchmarks/README.md), float32 on other CPUs, where bf16 is emulated and slow."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or native_bf16() else torch.float32
     if name not in DTYPES:
         raise ValueError(f"--dtype {name!r}: use auto, {', '.join(DTYPES)}")
     return DTYPES[name]

@@ -18,7 +18,7 @@ import torch
 from radar.decoding.drafters import Drafter
 from radar.decoding.model import LayerCapture, Transformer
 from radar.decoding.tree import DraftTree
-from radar.decoding.verify import commit_path, committed_features, prefill_features, verify_tree
+from radar.decoding.verify import commit_path, committed_features, prefill, verify_tree
 
 # Called with the tokens each step commits, as soon as they are committed (streaming); returning False stops
 # generation after them with finish_reason "stop" (a client went away, a stop string appeared).
@@ -162,10 +162,10 @@ class Speculation:
         drafter.begin(max_len)
         self.target_pending = self.draft_pending = torch.tensor(prompt_ids, device=target.device)
         self.capture = LayerCapture(drafter.capture) if drafter.capture else None
-        self.prefill_calls = 0  # target forwards before the first verification
-        if self.capture is not None:
-            self.target_pending = prefill_features(target, self.cache, drafter, self.capture, self.target_pending)
-            self.prefill_calls = int(self.target_pending.numel() < len(prompt_ids))
+        self.target_pending = prefill(target, self.cache, self.target_pending, self.capture)
+        self.prefill_calls = int(len(prompt_ids) > 1)  # target forwards before the first verification
+        if self.capture is not None and self.capture.hidden is not None:
+            drafter.observe_target(self.capture.hidden[0])
 
     def verify(self, tree: DraftTree, root_pos: int) -> tuple[torch.Tensor, int]:
         """The target's logits over the pending tokens and `tree` (see `verify_tree`), and the tree's first slot."""

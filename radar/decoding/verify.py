@@ -79,15 +79,19 @@ def verify_tree(
     return logits[0, n_pend - 1 :], base
 
 
-def prefill_features(
-    target: Transformer, cache: KVCache, drafter: Drafter, capture: LayerCapture, prompt: torch.Tensor
+def prefill(
+    target: Transformer, cache: KVCache, prompt: torch.Tensor, capture: LayerCapture | None = None
 ) -> torch.Tensor:
-    """For a drafter that reads the target's features: prefill all prompt tokens but the newest and hand the drafter
-    their features (it feeds each token with its predecessor's). Returns what the target has still to see."""
-    if prompt.numel() == 1:
-        return prompt
-    target(prompt[None, :-1], cache=cache, last_only=True, capture=capture)
-    drafter.observe_target(capture.hidden[0])
+    """Prefill every prompt token but the newest and return what the target has still to see (the newest).
+
+    AR and speculative decoding both start here, so the prompt's keys and values come from the same matmul shapes
+    in both: on a CPU a bf16 matmul's rows depend on how many rows it is given (beyond 32), and a prompt prefilled
+    whole in one decoder and minus its last token in the other would drift apart. `capture` receives the features of
+    the prefilled tokens (a drafter that reads them gets each token's with its predecessor's)."""
+    if prompt.numel() > 1:
+        target(prompt[None, :-1], cache=cache, last_only=True, capture=capture)
+    elif capture is not None:
+        capture.hidden = None
     return prompt[-1:]
 
 

@@ -40,11 +40,11 @@ def _demo_bench() -> BenchConfig:
 
 @dataclass
 class DemoRunConfig:
-    """Every setting of a demo run. The defaults are the demo pair's on a CPU, sized for a short run on a laptop
+    """Every setting of a demo run. The defaults are the default pair's on a CPU, sized for a short run on a laptop
     (benchmarks/README.md has its measured time)."""
 
     work_dir: str = "runs/demo"
-    model: str | None = None  # target checkpoint directory; None: the demo pair (built on first use, cached)
+    model: str | None = None  # target checkpoint directory; None: the default pair (target fetched on first use)
     draft: str | None = None
     device: str = "cpu"  # the tree below is the CPU one; on a GPU pass a wider tree
     dtype: str = "auto"

@@ -1,6 +1,6 @@
 """`radar demo`: the whole pipeline on one model pair, resumable stage by stage (bookkeeping: radar.demo.stages).
 
-    pair      the demo pair, built once and cached (or the --model/--draft checkpoints)
+    pair      SmolLM2-135M-Instruct, fetched once, and its bundled EAGLE-3 head (or the --model/--draft checkpoints)
     costs     the cost file measured on this machine           -> WORK/costs.json
     collect   records from MT-bench + Alpaca on Ray actors     -> WORK/records/
     train     one controller (MLflow experiment radar-train)   -> WORK/controller/
@@ -21,7 +21,7 @@ import json
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -40,6 +40,7 @@ class DemoResult:
     simulation: dict
     champion: dict
     seconds: float
+    answers: list[dict] = field(default_factory=list)  # a few prompts with radar's answers, as text
     tracking_uri: str | None = None
 
     @property
@@ -122,14 +123,14 @@ class DemoPipeline:
     # ---- the stages ----
 
     def stage_pair(self) -> dict:
-        """The checkpoints: always resolved (the demo pair's build is itself cached), reported as skipped when they
-        are the ones the last run used."""
+        """The checkpoints: always resolved (the default target's fetch is itself cached), reported as skipped when
+        they are the ones the last run used."""
         t0, total = time.perf_counter(), len(STAGES)
         try:
             if self.cfg.model is None:
-                from radar.ops.demo_pair import ensure_demo_pair
+                from radar.ops.models import default_pair
 
-                target, draft = ensure_demo_pair()
+                target, draft = default_pair()
             else:
                 target, draft = Path(self.cfg.model), Path(self.cfg.draft)
                 for role, p in (("--model", target), ("--draft", draft)):
@@ -142,7 +143,7 @@ class DemoPipeline:
             self.stages.reports.append(StageReport("pair", "failed", time.perf_counter() - t0, str(exc)))
             raise StageError("pair", exc) from exc
         entry = self.stages.manifest["stages"].get("pair")
-        summary, seconds = f"{target.parent if self.cfg.model is None else target}", time.perf_counter() - t0
+        summary, seconds = f"{target} + {draft}", time.perf_counter() - t0
         if entry and entry.get("status") == "done" and entry.get("outputs") == outputs:
             self.log(f"[1/{total}] pair: skipped (done)")
             self.stages.reports.append(StageReport("pair", "skipped", 0.0, summary))
@@ -322,13 +323,22 @@ class DemoPipeline:
                 result = benchmark(job, path, pair=self.model_pair(pair), on_step=lambda m: progress.advance(task))
             run_id = log_benchmark(job, result, run_name="demo", tags={"source": "radar demo"}) if cfg.track else None
             return {"path": str(path), "digest": content_digest([path]), "run_id": run_id,
-                    "radar_speedup": result["methods"]["radar"]["speedup_vs_ar"]}
+                    "radar_speedup": result["methods"]["radar"]["speedup_vs_ar"],
+                    "answers": self.sample_answers(job.prompts, result["methods"]["radar"]["outputs"], pair)}
 
         return self.stages.run(
             "bench", inputs, body, check=lambda o: content_digest([path]) == o["digest"],
             start=f"{', '.join(job.methods)} on {job.prompts} (first {job.limit}), {job.repeats} repeat(s)",
             summary=lambda o: f"radar {o['radar_speedup']:.2f}x ar",
         )
+
+    def sample_answers(self, prompts: str, outputs: list[list[int]], pair: dict, n: int = 3) -> list[dict]:
+        """The first `n` prompts and radar's answers as text, so the report shows what the pair really says."""
+        from radar.common.prompts import load_prompts
+
+        model_pair = self.model_pair(pair)
+        return [{"prompt": p.text, "answer": model_pair.decode(ids)}
+                for p, ids in zip(load_prompts(prompts, n), outputs)]
 
     # ---- the run ----
 
@@ -350,6 +360,7 @@ class DemoPipeline:
             self.close()
         return DemoResult(
             work_dir=self.work, stages=self.stages.reports, bench=json.loads(Path(bench["path"]).read_text()),
+            answers=bench.get("answers", []),
             simulation=json.loads(Path(champion["simulation"]).read_text()), champion=champion,
             seconds=time.perf_counter() - t0, tracking_uri=self.store,
         )

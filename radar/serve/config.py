@@ -14,10 +14,10 @@ class ServeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="Target checkpoint directory; None = the demo pair.")
+    model: str | None = Field(None, description="Target checkpoint directory; None = SmolLM2-135M-Instruct with its bundled EAGLE-3 head.")
     draft: str | None = Field(None, description="Draft checkpoint directory (None with model=None: demo draft).")
     controller: str | None = Field(None, description="Controller dir, .pt or models:/ URI; None = bundled.")
-    model_name: str | None = Field(None, description="Model id clients send; default: radar-demo or the dir name.")
+    model_name: str | None = Field(None, description="Model id clients send; default: radar-smollm2 or the dir name.")
     device: str = "auto"
     dtype: str = "auto"
     tree_tokens: int | None = Field(None, ge=1, description="Tree nodes verified per cycle (default per device).")
@@ -41,7 +41,7 @@ class ServeConfig(BaseModel):
     @property
     def served_model_name(self) -> str:
         """The model id clients send and responses carry."""
-        return self.model_name or ("radar-demo" if self.model is None else Path(self.model).name)
+        return self.model_name or ("radar-smollm2" if self.model is None else Path(self.model).name)
 
 
 def config_fields_from_file(path: str | Path) -> dict:

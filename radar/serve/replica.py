@@ -69,26 +69,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("ray.serve")
 
 Req = CompletionRequest | ChatCompletionRequest
-FALLBACK_SPECULATION = "tree:4"  # the default when no controller can be loaded (best fixed depth on the demo pair)
-
-
 def load_pair_for(cfg: ServeConfig) -> tuple[ModelPair, bool]:
-    """The ModelPair for `cfg`, with a controller when one is given or bundled; returns (pair, radar_available)."""
-    from radar.ops.models import (
-        BUNDLED_CONTROLLER,
-        attach_controller,
-        bundled_controller_available,
-        load_pair,
-        model_paths,
-    )
+    """The ModelPair for `cfg`, with the given or bundled controller when it has a draft; returns (pair,
+    radar_available). A bundled controller missing from the installation is an error, not a quiet fallback."""
+    from radar.ops.models import attach_controller, load_pair, model_paths
 
     target, draft = model_paths(cfg.model, cfg.draft)
     pair = load_pair(target, draft, device=cfg.device, dtype=cfg.dtype, tree_tokens=cfg.tree_tokens)
-    if cfg.controller is not None or bundled_controller_available():
+    if pair.draft is not None:
         attach_controller(pair, cfg.controller)
-    else:
-        log.warning("no --controller and no bundled controller at %s: method radar is unavailable", BUNDLED_CONTROLLER)
-    return pair, pair.stop_policy is not None and pair.draft is not None
+    return pair, pair.draft is not None
 
 
 def json_response(body: BaseModel) -> JSONResponse:
@@ -119,8 +109,8 @@ class RadarServer:
         self.model_name = cfg.served_model_name
         self.speculation = cfg.speculation
         if cfg.speculation == "radar" and not self.radar_ok:
-            self.speculation = FALLBACK_SPECULATION if self.pair.draft is not None else "off"
-            log.warning("default speculation radar unavailable: using %s", self.speculation)
+            self.speculation = "off"  # a target without a draft has nothing to speculate with
+            log.warning("no draft model: default speculation off")
         self.context = self.pair.target.config.max_position_embeddings
         self.metrics = Metrics()
         self.worker = DecodeWorker(self.pair, threads, cfg.timeout_s, self.metrics)

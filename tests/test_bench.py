@@ -68,3 +68,22 @@ def test_unknown_bench_method_is_a_one_line_error(tiny_pair):
     result = CliRunner().invoke(app, ["bench", "--model", str(target), "--draft", str(draft), "--methods", "ar,fast", "--no-track"])
     assert result.exit_code == 2
     assert "unknown method 'fast'" in result.stderr
+
+
+def test_bench_with_an_eagle3_head_runs_the_transformers_baselines_on_the_target_alone(tiny_pair, tmp_path):
+    from tiny_models import make_tiny_eagle3
+
+    from radar.decoding.model import Transformer
+
+    target, _ = tiny_pair
+    head_dir = tmp_path / "head"
+    make_tiny_eagle3(Transformer.from_pretrained(target), draft_vocab=64).save_pretrained(head_dir)
+    out = tmp_path / "results.json"
+    result = CliRunner().invoke(app, [
+        "bench", "--model", str(target), "--draft", str(head_dir), "--prompts", "mt_bench", "--limit", "2",
+        "--max-new-tokens", "8", "--methods", "ar,hf,hf-pld,tree:2", "--out", str(out), "--no-track",
+    ])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert list(data["methods"]) == ["ar", "hf", "hf-pld", "tree:2"]
+    assert all(data["greedy_outputs_match_ar"].values())

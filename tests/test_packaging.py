@@ -27,3 +27,28 @@ def test_the_wheel_carries_every_bundled_file(tmp_path):
     assert bundled, "no bundled files found"
     missing = [p for p in bundled if p not in names]
     assert missing == []
+
+
+def test_the_default_pair_and_controllers_are_part_of_what_the_wheel_checks():
+    from radar.ops.models import BUNDLED_CONTROLLER, BUNDLED_HEAD
+
+    data = ROOT / "radar" / "data"
+    for needed in (BUNDLED_HEAD / "model.safetensors", BUNDLED_CONTROLLER / "greedy" / "controller.json",
+                   BUNDLED_CONTROLLER / "sampled" / "model.safetensors"):
+        assert needed.is_file() and needed.is_relative_to(data)
+
+
+def test_an_installation_missing_its_bundled_controller_says_so_instead_of_falling_back(monkeypatch, tmp_path):
+    import radar.ops.models as models
+
+    monkeypatch.setattr(models, "BUNDLED_CONTROLLER", tmp_path / "controller")
+    with pytest.raises(FileNotFoundError, match="missing controller.json.*reinstall"):
+        models.controller_path(None)
+
+
+def test_an_installation_missing_its_bundled_head_says_so(monkeypatch, tmp_path):
+    import radar.ops.models as models
+
+    monkeypatch.setattr(models, "BUNDLED_HEAD", tmp_path / "smollm2-eagle3")
+    with pytest.raises(FileNotFoundError, match="missing config.json, model.safetensors.*reinstall"):
+        models.default_pair(progress=False)

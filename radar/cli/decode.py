@@ -89,14 +89,15 @@ def print_bench(result: dict, title: str) -> None:
 
 def bench(
     prompts: opt.Prompts = "mt_bench",
-    limit: Optional[int] = typer.Option(20, help="Use the first N prompts."),
+    limit: Optional[int] = typer.Option(20, help="Use the first N prompts (of each set, for sets joined with +)."),
     max_new_tokens: opt.MaxNewTokens = 128,
     temperature: opt.Temperature = 0.0,
     top_p: float = typer.Option(1.0),
-    methods: str = typer.Option("ar,hf,hf-assisted,chain:4,tree:4",
-                                help="Comma-separated: ar, hf, hf-assisted, hf-pld, radar, chain:D, tree:D."),
+    methods: str = typer.Option("ar,hf,hf-pld,chain:3,tree:3,radar",
+                                help="Comma-separated: ar, hf, hf-pld, hf-assisted (a small-LM draft only), radar, "
+                                     "chain:D, tree:D."),
     controller: opt.Controller = None,
-    repeats: int = typer.Option(3, help="Timed repeats per method; the median is kept."),
+    repeats: int = typer.Option(1, help="Timed repeats per method; the median is kept."),
     seed: int = typer.Option(0),
     model: opt.Model = None,
     draft: opt.Draft = None,
@@ -110,6 +111,7 @@ def bench(
     from rich.progress import Progress
 
     from radar.common import tracking
+    from radar.common.prompts import load_prompts
     from radar.ops.bench import BenchConfig, benchmark, log_benchmark
 
     with user_errors():
@@ -121,7 +123,8 @@ def bench(
         )
         note_default_pair(model, draft)
         with Progress(console=Console(stderr=True), transient=True) as progress:
-            task = progress.add_task(f"benchmarking {cfg.prompts}", total=cfg.repeats * len(cfg.methods))
+            steps = cfg.repeats * len(cfg.methods) * len(load_prompts(cfg.prompts, cfg.limit))
+            task = progress.add_task(f"benchmarking {cfg.prompts}", total=steps)
             result = benchmark(cfg, out, on_step=lambda m: progress.advance(task))
     print_bench(result, f"{cfg.prompts}, {len(cfg.methods)} methods, T={temperature}")
     if out:

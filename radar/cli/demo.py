@@ -20,14 +20,16 @@ def demo(
     fresh: bool = typer.Option(False, "--fresh", help="Redo every stage (the fetched target is kept)."),
     model: opt.Model = None,
     draft: opt.Draft = None,
-    limit_per_set: int = typer.Option(40, help="Prompts collected from each of MT-bench and Alpaca."),
+    limit_per_set: int = typer.Option(24, help="Prompts collected from each of MT-bench and Alpaca."),
     workers: int = typer.Option(2, help="Ray actors collecting records."),
     epochs: int = typer.Option(40, help="Training epochs of the controller."),
     trials: int = typer.Option(4, help="Trials of the tuning sweep."),
     tune_epochs: int = typer.Option(10, help="Training epochs per trial at most."),
-    bench_limit: int = typer.Option(20, help="MT-bench prompts to benchmark."),
+    bench_limit: int = typer.Option(10, help="MT-bench prompts to benchmark."),
     max_new_tokens: int = typer.Option(128, help="New tokens per prompt at most (collection and bench)."),
-    repeats: int = typer.Option(2, help="Timed bench repeats per method; the median is kept."),
+    repeats: int = typer.Option(1, help="Timed bench repeats per method; the median is kept."),
+    quick: bool = typer.Option(False, "--quick", help="A few minutes: 8 prompts a set, 64-token answers, 2 trials, "
+                               "5 bench prompts (overrides the size options)."),
     device: str = typer.Option("cpu", help="cpu (the tree settings are the CPU ones) or cuda[:N]."),
     track: bool = typer.Option(True, help="Log to MLflow and register the champion controller."),
 ) -> None:
@@ -43,7 +45,8 @@ def demo(
         cfg = DemoRunConfig.from_options(
             work_dir=str(work_dir), model=opt.path_or_none(model), draft=opt.path_or_none(draft),
             limit_per_set=limit_per_set, workers=workers, epochs=epochs, trials=trials, tune_epochs=tune_epochs,
-            bench_limit=bench_limit, max_new_tokens=max_new_tokens, repeats=repeats, device=device, track=track)
+            bench_limit=bench_limit, max_new_tokens=max_new_tokens, repeats=repeats, quick=quick, device=device,
+            track=track)
     try:
         result = run_demo(cfg, fresh=fresh, log=lambda line: err.print(line, markup=False, highlight=False,
                                                                        soft_wrap=True))

@@ -16,7 +16,7 @@ Controller = Annotated[Optional[str], typer.Option(
     help="Controller for method radar: a directory from radar train, a reference .pt file or "
          "models:/radar-controller@champion. Default: the controllers bundled for the default pair.")]
 TreeTokens = Annotated[Optional[int], typer.Option(help="Tree nodes verified per cycle (default 60 on GPU, 12 on CPU).")]
-Prompts = Annotated[str, typer.Option(help="A jsonl file, or a bundled set: mt_bench, gsm8k, alpaca, mbpp.")]
+Prompts = Annotated[str, typer.Option(help="A jsonl file, or a bundled set: mt_bench, gsm8k, alpaca, mbpp; join sets with +.")]
 Costs = Annotated[str, typer.Option(help="Cost file from radar profile, or a preset name.")]
 Temperature = Annotated[float, typer.Option(help="0 for greedy.")]
 MaxNewTokens = Annotated[int, typer.Option(help="New tokens per prompt at most.")]

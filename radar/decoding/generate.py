@@ -57,7 +57,6 @@ def generate_speculative(
         raise ValueError(f"tree branching {tree_cfg.branching} exceeds the draft vocabulary ({drafter.vocab_size} tokens)")
     session = DecodeSession(target, prompt_ids, max_new_tokens, on_commit)
     spec = Speculation(target, drafter, prompt_ids, session.max_len + tree_cfg.max_nodes + 1)
-    session.stats.target_calls += spec.prefill_calls
     while True:
         root_pos = session.root_position
         policy.reset()

@@ -206,9 +206,8 @@ class Attention(nn.Module):
             k_cache[:, :, start : start + q] = xk
             v_cache[:, :, start : start + q] = xv
             xk, xv = k_cache[:, :, : start + q], v_cache[:, :, : start + q]
-        # In the cache's precision (see KVCache), back to the model's after.
-        out = F.scaled_dot_product_attention(xq.to(xk.dtype), xk, xv, attn_mask=mask,
-                                             enable_gqa=self.n_kv != self.n_heads).to(x.dtype)
+        gqa = self.n_kv != self.n_heads  # in the cache's precision (see KVCache), then back to the model's
+        out = F.scaled_dot_product_attention(xq.to(xk.dtype), xk, xv, attn_mask=mask, enable_gqa=gqa).to(x.dtype)
         return self.o_proj(out.transpose(1, 2).reshape(b, q, -1))
 
 
@@ -257,12 +256,11 @@ def attention_mask(q: int, start: int, tree_mask: torch.Tensor | None, device) -
 class KVCache:
     """Preallocated keys and values for every layer; `length` slots are filled. Attention runs in the cache's dtype.
 
-    An exact cache (float64) makes speculation lossless bit for bit on a CPU: a token verified inside a tree sees
-    its keys at other slots, among masked siblings, in a longer row than when AR decodes it alone, and the CPU's
-    attention kernels sum in an order that depends on that layout. In bf16 or even fp32 the difference rounds into
-    the model's activations and flips near-tied argmaxes within a hundred tokens; in float64 it stays ~1e-16, far
-    below one bf16 or fp32 rounding step. The linear layers need nothing: their rows do not depend on how many rows
-    they are given (up to 32 on x86; longer prompts go through the same `prefill` in every decoder)."""
+    An exact (float64) cache keeps speculation lossless bit for bit on a CPU: a token verified in a tree sees its
+    keys at other slots, among masked siblings, and the CPU's attention kernels sum in an order that depends on that
+    layout. In bf16, even fp32, the difference rounds into the activations and flips near-tied argmaxes within a
+    hundred tokens; in float64 it stays far below one rounding step. Linear layers need nothing: a row's result does
+    not depend on how many rows a matmul gets (up to 32 on x86; `prefill` feeds every decoder the same prompt)."""
 
     def __init__(self, cfg: ModelConfig, max_len: int, batch: int = 1, device=None, dtype=torch.float32):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -382,14 +380,11 @@ class Transformer(nn.Module):
         shapes = {k: v.shape for k, v in model.state_dict().items()}
         missing = set(shapes) - set(state) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
         unexpected = set(state) - set(shapes)
-        wrong = [
-            f"{k} {tuple(state[k].shape)} != {tuple(shapes[k])}" for k in sorted(state.keys() & shapes.keys()) if state[k].shape != shapes[k]
-        ]
+        wrong = [f"{k} {tuple(state[k].shape)} != {tuple(shapes[k])}" for k in sorted(state.keys() & shapes.keys())
+                 if state[k].shape != shapes[k]]
         if missing or unexpected or wrong:
-            raise ModelLoadError(
-                f"{path}: weights do not match the config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}, "
-                f"wrong shape {wrong[:3]})"
-            )
+            raise ModelLoadError(f"{path}: weights do not match the config (missing {sorted(missing)[:3]}, unexpected "
+                                 f"{sorted(unexpected)[:3]}, wrong shape {wrong[:3]})")
         model.load_state_dict(state, strict=False, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
@@ -425,8 +420,6 @@ def load_hf_config(path: str | Path):
     except Exception as exc:  # transformers raises several types for unknown or broken configs
         raise ModelLoadError(f"{path}/config.json could not be read: {exc}".splitlines()[0]) from None
     if getattr(hf, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-        raise ModelLoadError(
-            f"{path}: model_type {getattr(hf, 'model_type', None)!r} is not a Llama-family architecture "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
+        raise ModelLoadError(f"{path}: model_type {getattr(hf, 'model_type', None)!r} is not a Llama-family "
+                             f"architecture (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     return hf

@@ -31,7 +31,7 @@ class GenerationStats:
 
     prompt_tokens: int = 0
     new_tokens: int = 0
-    target_calls: int = 0
+    target_calls: int = 0  # target forwards after the prompt's prefill: one per AR token, one per speculative cycle
     draft_calls: int = 0
     accept_lengths: list[int] = field(default_factory=list)  # tau per cycle: accepted drafts + bonus
     draft_calls_per_cycle: list[int] = field(default_factory=list)
@@ -163,7 +163,6 @@ class Speculation:
         self.target_pending = self.draft_pending = torch.tensor(prompt_ids, device=target.device)
         self.capture = LayerCapture(drafter.capture) if drafter.capture else None
         self.target_pending = prefill(target, self.cache, self.target_pending, self.capture)
-        self.prefill_calls = int(len(prompt_ids) > 1)  # target forwards before the first verification
         if self.capture is not None and self.capture.hidden is not None:
             drafter.observe_target(self.capture.hidden[0])
 

@@ -16,15 +16,17 @@ class CollectPlan:
     """Which prompts the collection stage decodes and on how many Ray actors."""
 
     sets: tuple[str, ...] = ("mt_bench", "alpaca")
-    limit_per_set: int = 40
+    limit_per_set: int = 24
     workers: int = 2  # Ray actors, one model pair each
     cpus_per_worker: float = 1.0
     shard_size: int = 8
 
 
 def _demo_train() -> TrainConfig:
-    # 40 epochs at lr 3e-3: benchmarks/controller_demo.py trains 100 at this rate; 40 keeps the demo short.
-    return TrainConfig(variant="improved", alpha=0.02, gamma=0.99, lr=3e-3, epochs=40, batch_size=256)
+    # The recipe of the bundled controllers (radar/data/controller/README.md), 40 epochs to keep the demo short: on
+    # the default pair's records the "improved" preset collapses to one draft call.
+    return TrainConfig(variant="reinforce", expected_reward=True, baseline="mean", reward="throughput", alpha=0.0,
+                       gamma=0.99, lr=1e-3, epochs=40, batch_size=256)
 
 
 def _demo_sweep() -> SweepConfig:
@@ -35,7 +37,7 @@ def _demo_sweep() -> SweepConfig:
 
 def _demo_bench() -> BenchConfig:
     # `methods`, the models and the controller are filled in by the run.
-    return BenchConfig(prompts="mt_bench", limit=20, repeats=2)
+    return BenchConfig(prompts="mt_bench", limit=10, repeats=1)
 
 
 @dataclass
@@ -48,7 +50,7 @@ class DemoRunConfig:
     draft: str | None = None
     device: str = "cpu"  # the tree below is the CPU one; on a GPU pass a wider tree
     dtype: str = "auto"
-    threads: int = 1  # torch intra-op threads in this process: small models decode fastest on one (README)
+    threads: int = 2  # torch intra-op threads for the stages in this process (costs, bench): benchmarks/README.md
     ray_cpus: int = 2  # for a local Ray this run starts (one already connected is reused as it is)
     track: bool = True  # MLflow: runs in radar-train, radar-tune, radar-bench and the champion in the registry
     # Shared by costs, collect and bench.
@@ -78,18 +80,28 @@ class DemoRunConfig:
         return Path(self.work_dir)
 
     @classmethod
-    def from_options(cls, limit_per_set: int = 40, workers: int = 2, epochs: int = 40, trials: int = 4,
-                     tune_epochs: int = 10, bench_limit: int = 20, repeats: int = 2, **top) -> "DemoRunConfig":
-        """A config from `radar demo`'s flat options (the operations' configs check the rest)."""
+    def from_options(cls, limit_per_set: int = 24, workers: int = 2, epochs: int = 40, trials: int = 4,
+                     tune_epochs: int = 10, bench_limit: int = 10, repeats: int = 1, quick: bool = False,
+                     **top) -> "DemoRunConfig":
+        """A config from `radar demo`'s flat options (the operations' configs check the rest); `quick` shrinks
+        every stage to a few minutes' work (QUICK), overriding those options."""
         knobs = dict(limit_per_set=limit_per_set, workers=workers, epochs=epochs, trials=trials,
                      tune_epochs=tune_epochs, bench_limit=bench_limit, repeats=repeats)
         if "max_new_tokens" in top:
             knobs["max_new_tokens"] = top["max_new_tokens"]
+        if quick:
+            knobs.update(QUICK)
+            top.update(max_new_tokens=QUICK["max_new_tokens"], profile_repeats=QUICK["profile_repeats"])
         for name, value in knobs.items():
             if value < 1:  # named as the user typed it, before a config would name its own field
                 raise ValueError(f"{name} must be >= 1, got {value}")
         cfg = cls(**top)
-        cfg.collect.limit_per_set, cfg.collect.workers = limit_per_set, workers
-        cfg.train.epochs, cfg.tune.num_samples, cfg.tune.epochs = epochs, trials, tune_epochs
-        cfg.bench.limit, cfg.bench.repeats = bench_limit, repeats
+        cfg.collect.limit_per_set, cfg.collect.workers = knobs["limit_per_set"], knobs["workers"]
+        cfg.train.epochs, cfg.tune.num_samples, cfg.tune.epochs = knobs["epochs"], knobs["trials"], knobs["tune_epochs"]
+        cfg.bench.limit, cfg.bench.repeats = knobs["bench_limit"], knobs["repeats"]
         return cfg
+
+
+# `radar demo --quick`: the same stages on a few prompts and short answers (benchmarks/README.md has its time).
+QUICK = dict(limit_per_set=8, epochs=20, trials=2, tune_epochs=5, bench_limit=5, repeats=1, max_new_tokens=64,
+             profile_repeats=20)

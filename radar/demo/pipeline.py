@@ -7,7 +7,7 @@
     tune      a small Ray Tune sweep (experiment radar-tune)   -> WORK/tune/, best trial in WORK/tuned/
     register  the better of the two by simulated held-out speedup, as models:/radar-controller@champion
                                                                -> WORK/champion/, WORK/simulate.json
-    bench     ar, hf, hf-assisted, tree:D (the simulator's best fixed depth) and radar (experiment radar-bench)
+    bench     ar, hf, hf-pld, tree:D (the simulator's best fixed depth) and radar (experiment radar-bench)
                                                                -> WORK/bench.json
 
 Each stage calls the operation a user would run by hand (radar.ops). Outputs are written atomically, so a failed or
@@ -233,7 +233,8 @@ class DemoPipeline:
 
         return self.stages.run(
             "train", inputs, body, check=lambda o: controller_digest(out) == o["digest"],
-            start=f"{train_cfg.variant} REINFORCE, {train_cfg.epochs} epochs",
+            start=f"{train_cfg.variant} REINFORCE ({train_cfg.reward} reward, {train_cfg.baseline} baseline), "
+                  f"{train_cfg.epochs} epochs",
             summary=lambda o: f"held-out simulated speedup {o['eval_speedup']:.3f}x" if o.get("eval_speedup") else "",
         )
 
@@ -298,13 +299,13 @@ class DemoPipeline:
         )
 
     def stage_bench(self, pair: dict, champion: dict) -> dict:
-        """Real decoding, side by side: ar, hf, hf-assisted, the best fixed-depth tree and radar with the champion."""
+        """Real decoding, side by side: ar, hf, hf prompt lookup, the best fixed-depth tree and radar with the champion."""
         from radar.decoding.eagle3 import is_eagle3_dir
         from radar.ops.bench import benchmark, log_benchmark
 
         cfg, path = self.cfg, self.work / "bench.json"
-        # transformers' assisted generation takes a small LM as draft, not an EAGLE-3 head
-        hf = ["hf"] if is_eagle3_dir(pair["draft"]) else ["hf", "hf-assisted"]
+        # transformers' assisted generation takes a small LM as draft, not an EAGLE-3 head; prompt lookup needs none
+        hf = ["hf", "hf-pld"] if is_eagle3_dir(pair["draft"]) else ["hf", "hf-pld", "hf-assisted"]
         job = replace(cfg.bench, methods=["ar", *hf, f"tree:{champion['best_fixed_depth']}", "radar"],
                       controller="models:/radar-controller@champion" if cfg.track else champion["path"],
                       model=pair["target"], draft=pair["draft"], device=cfg.device, dtype=cfg.dtype,
@@ -318,8 +319,11 @@ class DemoPipeline:
             from rich.console import Console
             from rich.progress import Progress
 
+            from radar.common.prompts import load_prompts
+
             with Progress(console=Console(stderr=True), transient=True) as progress:
-                task = progress.add_task(f"benchmarking {job.prompts}", total=job.repeats * len(job.methods))
+                steps = job.repeats * len(job.methods) * len(load_prompts(job.prompts, job.limit))
+                task = progress.add_task(f"benchmarking {job.prompts}", total=steps)
                 result = benchmark(job, path, pair=self.model_pair(pair), on_step=lambda m: progress.advance(task))
             run_id = log_benchmark(job, result, run_name="demo", tags={"source": "radar demo"}) if cfg.track else None
             return {"path": str(path), "digest": content_digest([path]), "run_id": run_id,

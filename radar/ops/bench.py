@@ -1,7 +1,7 @@
 """Side-by-side benchmark: our decoders and Hugging Face's on the same prompts, in one process.
 
 Every method decodes the same prompts with the same limits. One warm-up prompt per method is excluded; then
-the prompt set is decoded `repeats` times, methods interleaved within each repeat so drift in machine load hits
+the prompt set is decoded `repeats` times, the methods taking turns prompt by prompt so drift in machine load hits
 all of them alike, and the median repeat is kept. Speedups are ratios to `ar` measured in the same run.
 """
 
@@ -62,12 +62,13 @@ class Run:
 
 
 def run_method(
-    pair: ModelPair, hf: HFRunner | None, method: str, prompt_ids: list[list[int]], cfg: BenchConfig
+    pair: ModelPair, hf: HFRunner | None, method: str, prompt_ids: list[list[int]], cfg: BenchConfig, first: int = 0
 ) -> Run:
-    """Decode every prompt once with `method`; wall time covers decoding only, not tokenisation."""
+    """Decode every prompt once with `method` (prompt i of the set is `first + i`, which seeds it); wall time covers
+    decoding only, not tokenisation."""
     sampling = Sampling(cfg.temperature, cfg.top_p)
     outputs, taus, calls, wall = [], [], [], 0.0
-    for i, ids in enumerate(prompt_ids):
+    for i, ids in enumerate(prompt_ids, first):
         seed = cfg.seed + i
         if method in HF_METHODS:
             t0 = time.perf_counter()
@@ -97,10 +98,17 @@ def run_bench(
         run_method(pair, hf, method, prompt_ids[:1], BenchConfig(**{**asdict(cfg), "max_new_tokens": 8}))
     runs: dict[str, list[Run]] = {m: [] for m in cfg.methods}
     for _ in range(cfg.repeats):
-        for method in cfg.methods:
-            runs[method].append(run_method(pair, hf, method, prompt_ids, cfg))
-            if on_step:
-                on_step(method)
+        # Methods take turns prompt by prompt, so a change in the machine's load hits all of them alike.
+        parts: dict[str, list[Run]] = {m: [] for m in cfg.methods}
+        for i, ids in enumerate(prompt_ids):
+            for method in cfg.methods:
+                parts[method].append(run_method(pair, hf, method, [ids], cfg, first=i))
+                if on_step:
+                    on_step(method)
+        for method, pieces in parts.items():
+            runs[method].append(Run([o for p in pieces for o in p.outputs], sum(p.wall_s for p in pieces),
+                                    sum(p.new_tokens for p in pieces), [a for p in pieces for a in p.accept_lengths],
+                                    [c for p in pieces for c in p.draft_calls]))
 
     results = {}
     for method, reps in runs.items():
@@ -145,7 +153,9 @@ def benchmark(
         pair = load_pair(cfg.model, cfg.draft, cfg.device, cfg.dtype, tree_tokens=cfg.tree_tokens)
     if "radar" in cfg.methods:
         attach_controller(pair, cfg.controller)
-    hf = HFRunner(cfg.model, cfg.draft, pair.target.device, pair.target.dtype) if set(cfg.methods) & set(HF_METHODS) \
+    # Only assisted generation needs the draft in transformers (an EAGLE-3 head is no transformers model)
+    hf_draft = cfg.draft if "hf-assisted" in cfg.methods else None
+    hf = HFRunner(cfg.model, hf_draft, pair.target.device, pair.target.dtype) if set(cfg.methods) & set(HF_METHODS) \
         else None
     result = run_bench(pair, prompts, cfg, hf, on_step)
     if out:

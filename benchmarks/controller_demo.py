@@ -44,6 +44,11 @@ VARIANTS = {
     "expected-reward": dict(variant="reinforce", expected_reward=True, alpha=0.02),
     "improved": dict(variant="improved", alpha=0.02),
     "improved-throughput": dict(variant="improved", reward="throughput", alpha=0.0),
+    # REINFORCE with the expected reward and a per-decision mean baseline: the bundled controllers' recipe
+    # (sampled/ at lr 3e-3, greedy/ at 1e-3; radar/data/controller/README.md)
+    "mean-throughput": dict(variant="reinforce", expected_reward=True, baseline="mean", reward="throughput", alpha=0.0),
+    "mean-throughput-lr1e-3": dict(variant="reinforce", expected_reward=True, baseline="mean", reward="throughput",
+                                   alpha=0.0, lr=1e-3),
 }
 
 
@@ -57,7 +62,7 @@ def stage_costs(pair: ModelPair, work: Path, size: ControllerConfig) -> CostMode
 
 def stage_collect(pair: ModelPair, work: Path, split: str, sets: tuple[str, ...], temperature: float,
                   limit: int | None) -> Path:
-    out = work / f"records-t{temperature:g}" / f"{split}.parquet"
+    out = work / f"records-t{temperature:g}" / f"{split}-{limit or 'all'}.parquet"  # another limit: other records
     if not out.exists():
         prompts = [p for s in sets for p in load_prompts(s, limit)]
         t = time.perf_counter()
@@ -74,7 +79,7 @@ def stage_train(work: Path, name: str, records_path: Path, cost: CostModel, temp
     out = work / f"controllers-t{temperature:g}" / name
     if not (out / "controller.json").exists():
         records = read_records(records_path)
-        cfg = TrainConfig(gamma=0.99, lr=3e-3, epochs=100, batch_size=256, cost=cost, seed=0, **overrides)
+        cfg = TrainConfig(**{**dict(gamma=0.99, lr=3e-3, epochs=100, batch_size=256, cost=cost, seed=0), **overrides})
         t = time.perf_counter()
         controller, history = train(records, cfg, size, progress=False)
         controller.save(out, meta={"train": cfg.to_dict(), "records": str(records_path),

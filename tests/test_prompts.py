@@ -67,3 +67,9 @@ def test_sets_joined_with_plus_take_the_limit_from_each_and_prefix_ids():
 def test_a_missing_set_in_a_join_is_named(tmp_path):
     with pytest.raises(PromptFileError, match="nope.jsonl"):
         load_prompts(f"mt_bench+{tmp_path / 'nope.jsonl'}")
+
+
+def test_a_file_whose_name_has_a_plus_is_read_as_one_file(tmp_path):
+    path = tmp_path / "a+b.jsonl"
+    path.write_text('{"prompt": "hello"}\n')
+    assert [p.text for p in load_prompts(str(path))] == ["hello"]

@@ -150,3 +150,11 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_config():
     assert isinstance(built, Application)
     with pytest.raises(Exception, match="speculation"):
         app_builder({**app_cfg.args, "speculation": "beam"})
+
+
+def test_radar_serve_refuses_a_controller_without_a_draft(tiny_pair, tmp_path):
+    import radar.cli.app as cli
+
+    target, _ = tiny_pair
+    result = CliRunner().invoke(cli.app, ["serve", "--model", str(target), "--controller", str(tmp_path)])
+    assert result.exit_code == 2 and "--controller needs a draft model" in result.stderr

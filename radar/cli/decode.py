@@ -28,6 +28,13 @@ def note_default_pair(model: Path | None, draft: Path | None) -> None:
         say("No --model given: using SmolLM2-135M-Instruct with its bundled EAGLE-3 head.")
 
 
+def note_bundled_controller(model: Path | None, controller: str | None, methods: list[str]) -> None:
+    """Say on stderr when method radar runs another pair with the controllers trained for the default one."""
+    if model is not None and controller is None and "radar" in methods:
+        say("No --controller given: radar uses the controllers bundled for SmolLM2-135M-Instruct (trained on that "
+            "pair's records; train your own with radar collect + radar train).")
+
+
 def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
     model: opt.Model = None,
@@ -122,6 +129,7 @@ def bench(
             tree_tokens=tree_tokens, controller=controller,
         )
         note_default_pair(model, draft)
+        note_bundled_controller(model, controller, cfg.methods)
         with Progress(console=Console(stderr=True), transient=True) as progress:
             steps = cfg.repeats * len(cfg.methods) * len(load_prompts(cfg.prompts, cfg.limit))
             task = progress.add_task(f"benchmarking {cfg.prompts}", total=steps)

@@ -7,11 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-Model = Annotated[Optional[Path], typer.Option(help="Target checkpoint directory (HF format). Default: the demo target.")]
+Model = Annotated[Optional[Path], typer.Option(help="Target checkpoint directory (HF format). Default: SmolLM2-135M-Instruct (fetched once).")]
 Draft = Annotated[Optional[Path], typer.Option(help="Draft checkpoint directory sharing the target's tokenizer. "
-                                                    "Default: the demo draft.")]
+                                                    "Default: the EAGLE-3 head bundled for SmolLM2-135M-Instruct.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA if present, else CPU), cpu or cuda[:N]")]
-Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16")]
+Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on a GPU and on a CPU with native bf16, else float32), float32, bfloat16 or float16")]
 Controller = Annotated[Optional[str], typer.Option(
     help="Controller for method radar: a directory from radar train, a reference .pt file or "
          "models:/radar-controller@champion. Default: the controllers bundled for the default pair.")]

@@ -36,10 +36,14 @@ def serve_config(fields: dict):
     for key in ("model", "draft"):
         if fields.get(key) and not Path(fields[key]).is_dir():
             raise UserError(f"--{key} {fields[key]}: no such checkpoint directory")
+    if fields.get("controller") and not fields.get("draft"):
+        raise UserError("--controller needs a draft model to drive: pass --draft too")
     if fields.get("draft"):
-        # Resolved here: a typo or a broken install fails now with one line, and a models:/ URI is downloaded
-        # once, not per replica.
-        fields["controller"] = str(controller_path(fields.get("controller")))
+        # Resolved here: a typo or a broken install fails now with one line, and a models:/ URI is downloaded once,
+        # not per replica. The bundled controllers stay None: each replica finds them in its own installation.
+        path = controller_path(fields.get("controller"))
+        if fields.get("controller"):
+            fields["controller"] = str(path)
     try:
         return ServeConfig.model_validate(fields)
     except ValidationError as exc:

@@ -44,7 +44,7 @@ def load_prompts(spec: str | Path, limit: int | None = None) -> list[Prompt]:
     """Read a prompt set; `limit` keeps the first N. `a+b` joins sets (the first `limit` of each), their ids
     prefixed with the set's name since sets reuse ids."""
     parts = str(spec).split("+")
-    if len(parts) > 1 and all(parts):
+    if len(parts) > 1 and all(parts) and str(spec) not in BUNDLED and not Path(spec).is_file():
         return [Prompt(f"{part}/{p.id}", p.text, p.source) for part in parts for p in load_prompts(part, limit)]
     path = resolve(spec)
     source = str(spec) if str(spec) in BUNDLED else str(path)

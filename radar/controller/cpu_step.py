@@ -3,7 +3,7 @@
 A decision is paid before every draft call (T_eye in the cost model), and on a CPU its cost is not arithmetic (a
 128-unit LSTM step is ~85k multiply-adds) but overhead: dispatching ~20 NumPy or ~40 PyTorch operations, each of
 which runs cold because the draft forward between two decisions evicts the interpreter's and the libraries' working
-set. One compiled call pays that dispatch once (benchmarks/README.md, "Where the time goes", has the numbers).
+set. One compiled call pays that dispatch once (benchmarks/README.md, "Figures that used to live in docstrings").
 Same arithmetic as `LSTMController.step` in eval mode, in float32.
 """
 

@@ -54,7 +54,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def default_tree(device: torch.device) -> TreeConfig:
     """The paper's tree (k=10, 60 verified nodes) on a GPU. On a CPU every extra token in a forward costs time,
-    so a narrow tree wins: k=2 with 12 verified nodes measured best on the demo pair (benchmarks/README.md)."""
+    so a narrow tree: k=2 with 12 verified nodes (benchmarks/README.md has the default pair's figures with it)."""
     if device.type == "cuda":
         return TreeConfig(branching=10, max_calls=8, total_tokens=60)
     return TreeConfig(branching=2, max_calls=8, total_tokens=12)

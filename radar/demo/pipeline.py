@@ -117,8 +117,11 @@ class DemoPipeline:
 
     def hardware_inputs(self) -> dict:
         """What a timing depends on besides the pair: the tree, the device, the precision and the threads."""
-        cfg = self.cfg
-        return {"tree": asdict(cfg.tree), "device": cfg.device, "dtype": cfg.dtype, "threads": cfg.threads}
+        from radar.decoding.pair import resolve_device, resolve_dtype
+
+        cfg = self.cfg  # the resolved precision: `auto` means another one on another CPU
+        dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))).removeprefix("torch.")
+        return {"tree": asdict(cfg.tree), "device": cfg.device, "dtype": dtype, "threads": cfg.threads}
 
     # ---- the stages ----
 
@@ -328,7 +331,7 @@ class DemoPipeline:
             run_id = log_benchmark(job, result, run_name="demo", tags={"source": "radar demo"}) if cfg.track else None
             return {"path": str(path), "digest": content_digest([path]), "run_id": run_id,
                     "radar_speedup": result["methods"]["radar"]["speedup_vs_ar"],
-                    "answers": self.sample_answers(job.prompts, result["methods"]["radar"]["outputs"], pair)}
+                    "answers": self.sample_answers(job, result["methods"]["radar"]["outputs"], pair)}
 
         return self.stages.run(
             "bench", inputs, body, check=lambda o: content_digest([path]) == o["digest"],
@@ -336,13 +339,13 @@ class DemoPipeline:
             summary=lambda o: f"radar {o['radar_speedup']:.2f}x ar",
         )
 
-    def sample_answers(self, prompts: str, outputs: list[list[int]], pair: dict, n: int = 3) -> list[dict]:
-        """The first `n` prompts and radar's answers as text, so the report shows what the pair really says."""
+    def sample_answers(self, job, outputs: list[list[int]], pair: dict, n: int = 3) -> list[dict]:
+        """The first `n` bench prompts and radar's answers as text, so the report shows what the pair really says."""
         from radar.common.prompts import load_prompts
 
         model_pair = self.model_pair(pair)
         return [{"prompt": p.text, "answer": model_pair.decode(ids)}
-                for p, ids in zip(load_prompts(prompts, n), outputs)]
+                for p, ids in zip(load_prompts(job.prompts, job.limit)[:n], outputs)]
 
     # ---- the run ----
 

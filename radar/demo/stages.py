@@ -20,7 +20,7 @@ from radar.controller.policy import CONFIG_FILE, WEIGHTS_FILE
 
 STAGES = ("pair", "costs", "collect", "train", "tune", "register", "bench")
 MANIFEST = "stages.json"
-MANIFEST_FORMAT = "radar-demo-stages/2"  # 2: stage inputs keyed by the operations' configs
+MANIFEST_FORMAT = "radar-demo-stages/3"  # 2: inputs keyed by the operations' configs; 3: the resolved dtype
 
 
 class StageError(RuntimeError):

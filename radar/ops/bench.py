@@ -33,15 +33,15 @@ class BenchConfig:
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
-    methods: list[str] = field(default_factory=lambda: ["ar", "hf", "hf-assisted", "tree:4"])
-    repeats: int = 3
+    methods: list[str] = field(default_factory=lambda: ["ar", "hf", "hf-pld", "chain:3", "tree:3", "radar"])
+    repeats: int = 1
     seed: int = 0
     model: str | None = None
     draft: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     tree_tokens: int | None = None
-    controller: str | None = None  # for method radar; None: the bundled demo controller
+    controller: str | None = None  # for method radar; None: the bundled controllers
 
     def __post_init__(self) -> None:
         # One name per method (`off` is `ar`), each once: unknown names raise a clear error here.

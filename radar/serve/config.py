@@ -15,7 +15,7 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="Target checkpoint directory; None = SmolLM2-135M-Instruct with its bundled EAGLE-3 head.")
-    draft: str | None = Field(None, description="Draft checkpoint directory (None with model=None: demo draft).")
+    draft: str | None = Field(None, description="Draft checkpoint directory (None with model=None: the bundled EAGLE-3 head).")
     controller: str | None = Field(None, description="Controller dir, .pt or models:/ URI; None = bundled.")
     model_name: str | None = Field(None, description="Model id clients send; default: radar-smollm2 or the dir name.")
     device: str = "auto"

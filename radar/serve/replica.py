@@ -193,10 +193,6 @@ class RadarServer:
         if method.speculative and self.pair.draft is None:
             raise APIError(400, f"speculation {name!r} needs a draft model, which this server has none of: "
                                 "use 'off'", code="speculation_unavailable", param="speculation")
-        if method.kind == "radar" and not self.radar_ok:
-            raise APIError(400, "speculation 'radar' needs a controller, which this server was started without: "
-                                "use 'tree:D' or 'off' (or restart it with --controller)",
-                           code="speculation_unavailable", param="speculation")
         return method
 
     async def _respond(self, req: Req, ids: list[int], t0: float, chat: bool) -> JSONResponse | StreamingResponse:

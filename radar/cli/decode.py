@@ -39,7 +39,8 @@ def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
     model: opt.Model = None,
     draft: opt.Draft = None,
-    method: str = typer.Option("tree:4", help="ar, radar, chain:D or tree:D (D = draft calls per cycle)."),
+    method: str = typer.Option("tree:3", help="ar, radar, chain:D or tree:D (D = draft calls per cycle; tree:3 was "
+                                          "the fastest greedy method on the default pair: benchmarks/README.md)."),
     controller: opt.Controller = None,
     temperature: opt.Temperature = 0.0,
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),

@@ -102,6 +102,6 @@ class DemoRunConfig:
         return cfg
 
 
-# `radar demo --quick`: the same stages on a few prompts and short answers (benchmarks/README.md has its time).
+# `radar demo --quick`: the same stages on a few prompts and short answers.
 QUICK = dict(limit_per_set=8, epochs=20, trials=2, tune_epochs=5, bench_limit=5, repeats=1, max_new_tokens=64,
              profile_repeats=20)

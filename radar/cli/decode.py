@@ -119,8 +119,7 @@ def bench(
     from rich.progress import Progress
 
     from radar.common import tracking
-    from radar.common.prompts import load_prompts
-    from radar.ops.bench import BenchConfig, benchmark, log_benchmark
+    from radar.ops.bench import BenchConfig, benchmark, log_benchmark, progress_steps
 
     with user_errors():
         cfg = BenchConfig(
@@ -132,8 +131,7 @@ def bench(
         note_default_pair(model, draft)
         note_bundled_controller(model, controller, cfg.methods)
         with Progress(console=Console(stderr=True), transient=True) as progress:
-            steps = cfg.repeats * len(cfg.methods) * len(load_prompts(cfg.prompts, cfg.limit))
-            task = progress.add_task(f"benchmarking {cfg.prompts}", total=steps)
+            task = progress.add_task(f"benchmarking {cfg.prompts}", total=progress_steps(cfg))
             result = benchmark(cfg, out, on_step=lambda m: progress.advance(task))
     print_bench(result, f"{cfg.prompts}, {len(cfg.methods)} methods, T={temperature}")
     if out:

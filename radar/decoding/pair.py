@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -33,6 +34,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+@functools.cache  # the CPU does not change under a running process; every model load asks
 def native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (x86 AVX512-BF16 or AMX, Arm's BF16 extension)."""
     try:

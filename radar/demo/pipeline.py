@@ -304,7 +304,7 @@ class DemoPipeline:
     def stage_bench(self, pair: dict, champion: dict) -> dict:
         """Real decoding, side by side: ar, hf, hf prompt lookup, the best fixed-depth tree and radar with the champion."""
         from radar.decoding.eagle3 import is_eagle3_dir
-        from radar.ops.bench import benchmark, log_benchmark
+        from radar.ops.bench import benchmark, log_benchmark, progress_steps
 
         cfg, path = self.cfg, self.work / "bench.json"
         # transformers' assisted generation takes a small LM as draft, not an EAGLE-3 head; prompt lookup needs none
@@ -322,11 +322,8 @@ class DemoPipeline:
             from rich.console import Console
             from rich.progress import Progress
 
-            from radar.common.prompts import load_prompts
-
             with Progress(console=Console(stderr=True), transient=True) as progress:
-                steps = job.repeats * len(job.methods) * len(load_prompts(job.prompts, job.limit))
-                task = progress.add_task(f"benchmarking {job.prompts}", total=steps)
+                task = progress.add_task(f"benchmarking {job.prompts}", total=progress_steps(job))
                 result = benchmark(job, path, pair=self.model_pair(pair), on_step=lambda m: progress.advance(task))
             run_id = log_benchmark(job, result, run_name="demo", tags={"source": "radar demo"}) if cfg.track else None
             return {"path": str(path), "digest": content_digest([path]), "run_id": run_id,

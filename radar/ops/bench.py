@@ -85,6 +85,11 @@ def run_method(
     return Run(outputs, wall, sum(map(len, outputs)), taus, calls)
 
 
+def progress_steps(cfg: BenchConfig) -> int:
+    """How many times `benchmark` calls its `on_step`: once per method, prompt and repeat."""
+    return cfg.repeats * len(cfg.methods) * len(load_prompts(cfg.prompts, cfg.limit))
+
+
 def run_bench(
     pair: ModelPair,
     prompts: list[Prompt],

@@ -74,8 +74,10 @@ def load_pair(
 def controller_path(spec: str | Path | None) -> Path:
     """A local controller path for `spec`: a path, a `models:/name@alias` registry URI, or None for the bundled one."""
     if spec is None:
+        from radar.controller.policy import CONFIG_FILE, WEIGHTS_FILE
+
         for regime in ("greedy", "sampled"):
-            check_bundled(BUNDLED_CONTROLLER / regime, ("controller.json", "model.safetensors"))
+            check_bundled(BUNDLED_CONTROLLER / regime, (CONFIG_FILE, WEIGHTS_FILE))
         return BUNDLED_CONTROLLER
     text = str(spec)
     if text.startswith("models:/"):

@@ -109,9 +109,10 @@ def test_cuda_without_a_gpu_is_a_one_line_error(tiny_pair):
     assert_one_line_error(generate("--model", str(target), "--prompt", "hi", "--method", "ar", "--device", "cuda"), "no CUDA GPU")
 
 
-def test_unknown_dtype_is_a_one_line_error(tiny_pair):
+def test_unknown_precision_is_a_one_line_error(tiny_pair):
     target, _ = tiny_pair
-    assert_one_line_error(generate("--model", str(target), "--prompt", "hi", "--method", "ar", "--dtype", "fp8"), "--dtype")
+    assert_one_line_error(generate("--model", str(target), "--prompt", "hi", "--method", "ar", "--precision", "fp8"),
+                          "--precision 'fp8'", "gguf")
 
 
 def test_generate_sends_a_chat_turn_unless_raw(tiny_pair):

@@ -354,7 +354,7 @@ def test_profile_costs_are_positive_and_the_cost_file_round_trips(pair, tmp_path
     cost = profile_costs(pair, t_max=T_MAX, k=K, prompt_tokens=24, repeats=3, out=out)
     assert min(cost.T_0, cost.T_f, cost.T_eye, cost.ar_step) > 0
     assert cost.t_max == T_MAX
-    for key in ("device", "dtype", "target", "draft", "date", "total_tokens", "prompt_tokens"):
+    for key in ("device", "precision", "target", "draft", "date", "total_tokens", "prompt_tokens"):
         assert key in cost.meta
     assert cost.meta["verified_tokens"] == 1 + pair.tree.total_tokens
     back = CostModel.load(out)

@@ -30,7 +30,8 @@ def demo(
     repeats: int = typer.Option(1, help="Timed bench repeats per method; the median is kept."),
     quick: bool = typer.Option(False, "--quick", help="A few minutes: 8 prompts a set, 64-token answers, 2 trials, "
                                "5 bench prompts (overrides the size options)."),
-    device: str = typer.Option("cpu", help="cpu (the tree settings are the CPU ones) or cuda[:N]."),
+    device: str = typer.Option("cpu", help="cpu or cuda[:N] (the tree follows the device and the precision)"),
+    dtype: opt.Dtype = "auto",
     track: bool = typer.Option(True, help="Log to MLflow and register the champion controller."),
 ) -> None:
     """The whole pipeline on SmolLM2-135M-Instruct and its EAGLE-3 head: fetch the target, measure the costs,
@@ -46,7 +47,7 @@ def demo(
             work_dir=str(work_dir), model=opt.path_or_none(model), draft=opt.path_or_none(draft),
             limit_per_set=limit_per_set, workers=workers, epochs=epochs, trials=trials, tune_epochs=tune_epochs,
             bench_limit=bench_limit, max_new_tokens=max_new_tokens, repeats=repeats, quick=quick, device=device,
-            track=track)
+            dtype=dtype, track=track)
     try:
         result = run_demo(cfg, fresh=fresh, log=lambda line: err.print(line, markup=False, highlight=False,
                                                                        soft_wrap=True))

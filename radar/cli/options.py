@@ -11,7 +11,11 @@ Model = Annotated[Optional[Path], typer.Option(help="Target checkpoint directory
 Draft = Annotated[Optional[Path], typer.Option(help="Draft checkpoint directory sharing the target's tokenizer. "
                                                     "Default: the EAGLE-3 head bundled for SmolLM2-135M-Instruct.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA if present, else CPU), cpu or cuda[:N]")]
-Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on a GPU and on a CPU with native bf16, else float32), float32, bfloat16 or float16")]
+Dtype = Annotated[str, typer.Option(
+    "--precision", "--dtype",
+    help="The target's precision: auto, gguf (its GGUF blocks on the int4 kernel, CPU), float32, bfloat16 or float16. "
+         "auto: gguf on a CPU with native bf16 when the checkpoint keeps its GGUF, else bfloat16 there and on a GPU, "
+         "else float32.")]
 Controller = Annotated[Optional[str], typer.Option(
     help="Controller for method radar: a directory from radar train, a reference .pt file or "
          "models:/radar-controller@champion. Default: the controllers bundled for the default pair.")]

@@ -64,6 +64,8 @@ def serve(
                                           help="Require 'Authorization: Bearer KEY' on every route but /health."),
     replicas: Optional[int] = typer.Option(None, help="Replicas, one model each. Default: 1."),
     device: Optional[str] = typer.Option(None, help="auto (CUDA if present, else CPU), cpu or cuda[:N]"),
+    dtype: Optional[str] = typer.Option(None, "--precision", "--dtype", help="The target's precision: auto, gguf, "
+                                        "float32, bfloat16 or float16 (see radar generate --help). Default: auto."),
 ) -> None:
     """Serve the decoder behind an OpenAI-compatible HTTP API (Ray Serve), in the foreground; Ctrl-C stops it."""
     from radar.serve.config import config_fields_from_file
@@ -71,7 +73,8 @@ def serve(
     with user_errors():
         fields = config_fields_from_file(config) if config else {}
         flags = {"port": port, "host": host, "model": model, "draft": draft, "controller": controller,
-                 "speculation": speculation, "api_key": api_key, "replicas": replicas, "device": device}
+                 "speculation": speculation, "api_key": api_key, "replicas": replicas, "device": device,
+                 "dtype": dtype}
         fields.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
         cfg = serve_config(fields)
     run_in_foreground(cfg)

@@ -59,13 +59,13 @@ class CollectConfig:
         budget. Stored in the manifest, so a resumed run on other hardware cannot silently change them."""
         import torch
 
-        from radar.decoding.pair import DTYPES, default_tree, resolve_dtype
+        from radar.decoding.pair import default_tree, resolve_precision
 
         device = ("cuda" if gpu else "cpu") if self.device == "auto" else self.device.split(":")[0]
-        dtype = resolve_dtype(self.dtype, torch.device(device))
-        dtype_name = next(name for name, dt in DTYPES.items() if dt == dtype)
-        total = self.total_tokens if self.total_tokens is not None else default_tree(torch.device(device)).total_tokens
-        return replace(self, device=device, dtype=dtype_name, total_tokens=total)
+        precision = resolve_precision(self.dtype, torch.device(device), self.model)
+        tree = default_tree(torch.device(device), precision)
+        total = self.total_tokens if self.total_tokens is not None else tree.total_tokens
+        return replace(self, device=device, dtype=precision, total_tokens=total)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -32,7 +32,7 @@ from radar.controller.mdp import CostModel
 from radar.controller.policy import ControllerPolicy, LSTMController
 from radar.decoding.drafters import Drafter
 from radar.decoding.model import KVCache, LayerCapture
-from radar.decoding.pair import ModelPair
+from radar.decoding.pair import ModelPair, precision_of
 from radar.decoding.session import sync
 from radar.decoding.stop import FixedDepth
 from radar.decoding.tree import DraftPool, DraftTree, TreeConfig, draft_pool, select_tree
@@ -249,7 +249,7 @@ def profile_costs(
     spread = {"T_0": verify_times, "T_f": call_times, "T_eye": eye_times, "ar_step": ar_times}
     meta = {
         "source": "radar.controller.profile.profile_costs", "device": _device_name(device),
-        "dtype": str(target.dtype).removeprefix("torch."), "target": names[0], "draft": names[1],
+        "precision": precision_of(target), "target": names[0], "draft": names[1],
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
         "k": k, "total_tokens": total_tokens, "verified_tokens": 1 + len(tree), "prompt_tokens": prompt_tokens,
         "repeats": repeats, "warmup": warmup, "statistic": "median", "cycle_overhead_s": med(overhead_times),

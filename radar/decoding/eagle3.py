@@ -224,7 +224,7 @@ class Eagle3Head(nn.Module):
                     f"target's {t.hidden_size}, so it cannot use the target's embedding"
                 )
             self.embed_tokens, self.shared_embedding = target.model.embed_tokens, True
-            self.embed_tokens.weight.requires_grad_(False)
+            self.embed_tokens.requires_grad_(False)
         return self
 
     # ---------------------------------------------------------------------------------- checkpoints

@@ -286,6 +286,8 @@ class KVCache:
 class Transformer(nn.Module):
     """Llama-family causal LM; `forward` takes explicit positions and an optional tree mask."""
 
+    quantized = False  # set by gguf_quant.load_gguf_model, whose linear layers hold integer blocks
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -303,11 +305,11 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.norm.weight.device
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+    def dtype(self) -> torch.dtype:  # of the activations (a quantized model's weights are integers)
+        return self.model.norm.weight.dtype
 
     def new_cache(self, max_len: int, batch: int = 1, exact: bool | None = None) -> KVCache:
         """A cache for decoding; `exact` (default: on a CPU) keeps it in float64 (see KVCache)."""
@@ -371,9 +373,7 @@ class Transformer(nn.Module):
             raise ModelLoadError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints load)")
         with torch.device("meta"):
             model = cls(cfg)
-        state = {}
-        for name in files:
-            state.update(load_file(str(path / name), device=str(device)))
+        state = {k: v for name in files for k, v in load_file(str(path / name), device=str(device)).items()}
         state = {k: v.to(dtype) for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
         if cfg.tie_word_embeddings:
             state.pop("lm_head.weight", None)

@@ -13,6 +13,7 @@ from radar.decoding.chat import Message, render_chat
 from radar.decoding.drafters import Drafter, SmallLMDrafter
 from radar.decoding.eagle3 import Eagle3Drafter, Eagle3Head, is_eagle3_dir
 from radar.decoding.generate import generate_ar, generate_speculative
+from radar.decoding.gguf_quant import GGUF_FILE, load_gguf_model
 from radar.decoding.methods import Method
 from radar.decoding.model import ModelLoadError, Transformer
 from radar.decoding.session import GenerationResult, OnCommit
@@ -21,6 +22,7 @@ from radar.decoding.tree import TreeConfig
 from radar.decoding.verify import Sampling
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISIONS = ("auto", "gguf", *DTYPES)  # gguf: the target's own GGUF blocks on the int4 kernel (gguf_quant.py)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -44,22 +46,38 @@ def native_bf16() -> bool:
     return any(f in flags for f in ("avx512_bf16", "amx_bf16", "bf16"))
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` is bfloat16 on a GPU and on a CPU with native bf16 (verification of a tree then costs little more
-    than one token: benchmarks/README.md), float32 on other CPUs, where bf16 is emulated and slow."""
+def resolve_precision(name: str, device: torch.device, model: str | Path | None = None) -> str:
+    """The target's precision: gguf, float32, bfloat16 or float16. `auto` is gguf on a CPU with native bf16 when
+    the checkpoint keeps its source GGUF (the int4 kernel decodes about twice as fast as float32 there:
+    benchmarks/README.md), else bfloat16 on a GPU and on a CPU with native bf16, else float32, where bf16 is
+    emulated and slow."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" or native_bf16() else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"--dtype {name!r}: use auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
+        if device.type == "cpu" and native_bf16() and model is not None and (Path(model) / GGUF_FILE).is_file():
+            return "gguf"
+        return "bfloat16" if device.type == "cuda" or native_bf16() else "float32"
+    if name not in PRECISIONS:
+        raise ValueError(f"--precision {name!r}: use {', '.join(PRECISIONS)}")
+    return name
 
 
-def default_tree(device: torch.device) -> TreeConfig:
+def resolve_dtype(name: str, device: torch.device, model: str | Path | None = None) -> torch.dtype:
+    """The activations' dtype under precision `name` (gguf computes in bfloat16)."""
+    precision = resolve_precision(name, device, model)
+    return torch.bfloat16 if precision == "gguf" else DTYPES[precision]
+
+
+def precision_of(model: Transformer) -> str:
+    """The precision a loaded target computes in."""
+    return "gguf" if model.quantized else str(model.dtype).removeprefix("torch.")
+
+
+def default_tree(device: torch.device, precision: str = "float32") -> TreeConfig:
     """The paper's tree (k=10, 60 verified nodes) on a GPU. On a CPU every extra token in a forward costs time,
-    so a narrow tree: k=2 with 12 verified nodes (benchmarks/README.md has the default pair's figures with it)."""
+    so a narrow tree: k=2 with 12 verified nodes, and 3 under gguf, whose int4 kernel works in blocks of 4 rows,
+    so 4 tokens (the root and 3 nodes) cost little more than one and 5 much more (benchmarks/README.md)."""
     if device.type == "cuda":
         return TreeConfig(branching=10, max_calls=8, total_tokens=60)
-    return TreeConfig(branching=2, max_calls=8, total_tokens=12)
+    return TreeConfig(branching=2, max_calls=8, total_tokens=3 if precision == "gguf" else 12)
 
 
 @dataclass
@@ -85,20 +103,26 @@ class ModelPair:
         tree: TreeConfig | None = None,
     ) -> "ModelPair":
         """Load a target (and optional draft: a small LM or an EAGLE-3 head, told apart by its config.json)
-        checkpoint directory and the target's tokenizer."""
+        checkpoint directory and the target's tokenizer; `dtype` is the target's precision (PRECISIONS), the draft
+        computing in the target's activation dtype."""
         dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev)
-        target = Transformer.from_pretrained(model, device=dev, dtype=dt)
+        precision = resolve_precision(dtype, dev, model)
+        if precision == "gguf":
+            target = load_gguf_model(model, dev)
+        else:
+            target = Transformer.from_pretrained(model, device=dev, dtype=DTYPES[precision])
+        dt = target.dtype
+        tree = tree or default_tree(dev, precision)
         if draft and is_eagle3_dir(draft):
             head = Eagle3Head.from_pretrained(draft, device=dev, dtype=dt).bind(target)
-            return cls(target, head, load_tokenizer(model), tree or default_tree(dev))
+            return cls(target, head, load_tokenizer(model), tree)
         draft_model = Transformer.from_pretrained(draft, device=dev, dtype=dt) if draft else None
         if draft_model is not None and draft_model.config.vocab_size != target.config.vocab_size:
             raise ModelLoadError(
                 f"draft vocabulary ({draft_model.config.vocab_size} tokens, {draft}) does not match the target's "
                 f"({target.config.vocab_size} tokens, {model}): the draft must share the target's tokenizer"
             )
-        return cls(target, draft_model, load_tokenizer(model), tree or default_tree(dev))
+        return cls(target, draft_model, load_tokenizer(model), tree)
 
     def drafter(self) -> Drafter:
         """A fresh drafter over the loaded draft (one per request: it holds that sequence's state)."""

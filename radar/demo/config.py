@@ -48,13 +48,13 @@ class DemoRunConfig:
     work_dir: str = "runs/demo"
     model: str | None = None  # target checkpoint directory; None: the default pair (target fetched on first use)
     draft: str | None = None
-    device: str = "cpu"  # the tree below is the CPU one; on a GPU pass a wider tree
+    device: str = "cpu"
     dtype: str = "auto"
     threads: int = 2  # torch intra-op threads for the stages in this process (costs, bench): benchmarks/README.md
     ray_cpus: int = 2  # for a local Ray this run starts (one already connected is reused as it is)
     track: bool = True  # MLflow: runs in radar-train, radar-tune, radar-bench and the champion in the registry
-    # Shared by costs, collect and bench.
-    tree: TreeConfig = field(default_factory=lambda: TreeConfig(branching=2, max_calls=8, total_tokens=12))
+    # Shared by costs, collect and bench; None: the device's and precision's default (radar.decoding.pair.default_tree).
+    tree: TreeConfig | None = None
     max_new_tokens: int = 128
     temperature: float = 0.0
     seed: int = 0
@@ -72,7 +72,7 @@ class DemoRunConfig:
             raise ValueError("the pipeline needs a draft model: pass --draft PATH with --model")
         if not self.collect.sets:
             raise ValueError("no prompt sets to collect from")
-        if self.tree.max_calls < 2:
+        if self.tree is not None and self.tree.max_calls < 2:
             raise ValueError("t_max must be >= 2: with one draft call there is nothing for the controller to decide")
 
     @property

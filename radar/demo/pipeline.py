@@ -17,6 +17,7 @@ collection keeps its finished shards and the sweep its finished trials).
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
+from radar.decoding.tree import TreeConfig
 from radar.demo.config import DemoRunConfig
 from radar.demo.stages import (STAGES, StageError, StageLog, StageReport, content_digest, controller_digest,
                                records_digest, stat_digest, stderr_log)
@@ -98,7 +100,7 @@ class DemoPipeline:
         if self._pair is None:
             from radar.ops.models import load_pair
 
-            self._pair = load_pair(pair["target"], pair["draft"], self.cfg.device, self.cfg.dtype, tree=self.cfg.tree)
+            self._pair = load_pair(pair["target"], pair["draft"], self.cfg.device, self.cfg.dtype, tree=self.tree)
         return self._pair
 
     def ensure_ray(self) -> None:
@@ -115,13 +117,27 @@ class DemoPipeline:
             ray.shutdown()
             self._ray_started = False
 
+    @functools.cached_property
+    def precision(self) -> str:
+        """The resolved precision: `auto` means another one on another CPU or for a checkpoint without its GGUF."""
+        from radar.decoding.pair import resolve_device, resolve_precision
+        from radar.ops.fetch import model_dir
+        from radar.ops.models import DEFAULT_MODEL
+
+        target = self.cfg.model or model_dir(DEFAULT_MODEL)
+        return resolve_precision(self.cfg.dtype, resolve_device(self.cfg.device), target)
+
+    @functools.cached_property
+    def tree(self) -> TreeConfig:
+        """The run's tree: the config's, else the default for the device and precision."""
+        from radar.decoding.pair import default_tree, resolve_device
+
+        return self.cfg.tree or default_tree(resolve_device(self.cfg.device), self.precision)
+
     def hardware_inputs(self) -> dict:
         """What a timing depends on besides the pair: the tree, the device, the precision and the threads."""
-        from radar.decoding.pair import resolve_device, resolve_dtype
-
-        cfg = self.cfg  # the resolved precision: `auto` means another one on another CPU
-        dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))).removeprefix("torch.")
-        return {"tree": asdict(cfg.tree), "device": cfg.device, "dtype": dtype, "threads": cfg.threads}
+        cfg = self.cfg
+        return {"tree": asdict(self.tree), "device": cfg.device, "precision": self.precision, "threads": cfg.threads}
 
     # ---- the stages ----
 
@@ -165,8 +181,8 @@ class DemoPipeline:
         from radar.ops.profile import ProfileConfig, profile
 
         cfg, path = self.cfg, self.work / "costs.json"
-        job = ProfileConfig(out=str(path), model=pair["target"], draft=pair["draft"], t_max=cfg.tree.max_calls,
-                            k=cfg.tree.branching, tree_tokens=cfg.tree.total_tokens, repeats=cfg.profile_repeats)
+        job = ProfileConfig(out=str(path), model=pair["target"], draft=pair["draft"], t_max=self.tree.max_calls,
+                            k=self.tree.branching, tree_tokens=self.tree.total_tokens, repeats=cfg.profile_repeats)
         inputs = {"pair": pair["digest"], "repeats": cfg.profile_repeats, **self.hardware_inputs()}
 
         def body(resume: bool) -> dict:
@@ -187,7 +203,7 @@ class DemoPipeline:
 
         cfg, plan, out = self.cfg, self.cfg.collect, self.work / "records"
         config = CollectConfig(model=pair["target"], draft=pair["draft"], prompts="+".join(plan.sets),
-                               t_max=cfg.tree.max_calls, k=cfg.tree.branching, total_tokens=cfg.tree.total_tokens,
+                               t_max=self.tree.max_calls, k=self.tree.branching, total_tokens=self.tree.total_tokens,
                                temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
                                device=cfg.device, dtype=cfg.dtype, shard_size=plan.shard_size)
         # Not the worker count: the records do not depend on it, and a rerun with another one must resume, not redo.
@@ -312,7 +328,7 @@ class DemoPipeline:
         job = replace(cfg.bench, methods=["ar", *hf, f"tree:{champion['best_fixed_depth']}", "radar"],
                       controller="models:/radar-controller@champion" if cfg.track else champion["path"],
                       model=pair["target"], draft=pair["draft"], device=cfg.device, dtype=cfg.dtype,
-                      tree_tokens=cfg.tree.total_tokens, max_new_tokens=cfg.max_new_tokens,
+                      tree_tokens=self.tree.total_tokens, max_new_tokens=cfg.max_new_tokens,
                       temperature=cfg.temperature, seed=cfg.seed)
         inputs = {"pair": pair["digest"], "champion": champion["digest"], "version": champion["version"],
                   "bench": {k: v for k, v in asdict(job).items() if k not in ("model", "draft")},

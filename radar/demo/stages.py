@@ -20,7 +20,8 @@ from radar.controller.policy import CONFIG_FILE, WEIGHTS_FILE
 
 STAGES = ("pair", "costs", "collect", "train", "tune", "register", "bench")
 MANIFEST = "stages.json"
-MANIFEST_FORMAT = "radar-demo-stages/3"  # 2: inputs keyed by the operations' configs; 3: the resolved dtype
+MANIFEST_FORMAT = "radar-demo-stages/4"  # 2: inputs keyed by the operations' configs; 3: the resolved dtype;
+# 4: the resolved precision (gguf among them) and the tree it implies
 
 
 class StageError(RuntimeError):

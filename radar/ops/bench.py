@@ -18,7 +18,7 @@ import torch
 
 from radar.decoding.eagle3 import is_eagle3_dir
 from radar.decoding.methods import Method
-from radar.decoding.pair import ModelPair
+from radar.decoding.pair import ModelPair, precision_of
 from radar.decoding.verify import Sampling
 from radar.common.files import write_atomic
 from radar.common.prompts import Prompt, load_prompts
@@ -133,7 +133,7 @@ def run_bench(
     ar_out = results["ar"]["outputs"]
     return {
         "config": {**asdict(cfg), "tree": asdict(pair.tree), "prompt_count": len(prompts),
-                   "device": str(pair.target.device), "dtype": str(pair.target.dtype).removeprefix("torch.")},
+                   "device": str(pair.target.device), "precision": precision_of(pair.target)},
         "methods": results,
         "greedy_outputs_match_ar": {m: r["outputs"] == ar_out for m, r in results.items()} if cfg.temperature == 0 else None,
     }

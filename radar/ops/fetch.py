@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from radar.common.files import new_dir
 from radar.common.paths import cache_dir
+from radar.decoding.gguf_quant import GGUF_FILE  # the file the gguf precision reads
 
 CHUNK = 1 << 20
-GGUF_FILE = "model.gguf"
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                     "generation_config.json", "LICENSE", "CONVERSION.md", GGUF_FILE)
 

@@ -22,27 +22,14 @@ from gguf.quants import dequantize
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from radar.decoding.gguf_quant import LAYER_NAMES, GGUFLayoutError, hf_name, unpermute_rows
 
-# llama.cpp tensor names -> Hugging Face LlamaForCausalLM names; `blk.N.` becomes `model.layers.N.`.
-TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _REQUIRED = object()
 
 
-class ConversionError(ValueError):
-    """The GGUF file is not something this converter can turn into a Llama checkpoint."""
+ConversionError = GGUFLayoutError  # one error for a GGUF file this project cannot read, converted or quantized
 
 
 def gguf_field(reader: GGUFReader, key: str, default: Any = _REQUIRED) -> Any:
@@ -117,24 +104,6 @@ def generation_config(config: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- weights
-
-
-def hf_name(name: str) -> str:
-    """The Hugging Face parameter name of a llama.cpp tensor name (`blk.3.attn_q.weight` -> `model.layers.3...`)."""
-    parts = name.split(".")
-    if len(parts) == 2 and parts[0] in TOP_NAMES and parts[1] == "weight":
-        return f"{TOP_NAMES[parts[0]]}.weight"
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LAYER_NAMES and parts[3] == "weight":
-        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.weight"
-    raise ConversionError(f"GGUF tensor {name!r} has no Llama counterpart")
-
-
-def unpermute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row order: within each head it interleaves the two rotary halves (rows 0, d/2, 1,
-    d/2+1, ...); Hugging Face keeps the first half of the head's rows, then the second."""
-    rows = weight.shape[0]
-    head_dim = rows // n_heads
-    return weight.reshape(n_heads, head_dim // 2, 2, -1).swapaxes(1, 2).reshape(rows, -1)
 
 
 def tensor_array(tensor: Any) -> np.ndarray:

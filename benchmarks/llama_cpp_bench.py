@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--methods", nargs="+", default=["chain:1", "chain:2", "tree:3", "radar"],
+    ap.add_argument("--methods", nargs="+", default=["chain:1", "chain:2", "tree:2", "radar"],
                     help="our speculative methods on the gguf target, beside its ar and float32 ar")
     ap.add_argument("--head", type=Path, default=BUNDLED_HEAD, help="the EAGLE-3 head the methods draft with")
     ap.add_argument("--extra-buffers", action="store_true",
@@ -161,7 +161,7 @@ def main() -> None:
         match = ["-" if r[k] is None else f"{r[k]}/{len(prompts)}" for k in ("equal_to_gguf_ar", "equal_to_float32_ar")]
         table.add_row(r["engine"], str(r["threads"]), f"{r['temperature']:g}", f"{r['tokens_per_s']:.1f}",
                       str(r["new_tokens"]), *match)
-    Console().print(table)
+    Console(width=140).print(table)
     print(f"results written to {args.out}")
 
 

@@ -180,6 +180,17 @@ def test_generate_runs_the_gguf_precision_and_keeps_dtype_as_its_old_name(gguf_d
     assert len({tuple(json.loads(r.stdout)["token_ids"]) for r in runs}) == 1
 
 
+def test_generate_defaults_to_chain_1_on_a_gguf_target(gguf_dir):
+    from typer.testing import CliRunner
+
+    from radar.cli.app import app
+
+    result = CliRunner().invoke(app, ["generate", "--model", str(gguf_dir), "--draft", str(gguf_dir), "--prompt",
+                                      "item", "--max-new-tokens", "4", "--json", "--precision", "gguf"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["method"] == "chain:1"
+
+
 def test_gguf_precision_picks_the_small_verification_budget(gguf_dir):
     assert ModelPair.load(gguf_dir, device="cpu", dtype="gguf").tree.total_tokens == 3
     assert ModelPair.load(gguf_dir, device="cpu", dtype="float32").tree.total_tokens == 12

@@ -39,8 +39,10 @@ def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
     model: opt.Model = None,
     draft: opt.Draft = None,
-    method: str = typer.Option("tree:3", help="ar, radar, chain:D or tree:D (D = draft calls per cycle; tree:3 was "
-                                          "the fastest greedy method on the default pair: benchmarks/README.md)."),
+    method: Optional[str] = typer.Option(
+        None, help="ar, radar, chain:D or tree:D (D = draft calls per cycle). Default: the fastest greedy method "
+                   "measured on the default pair in the precision in use, chain:1 in gguf and tree:3 in bf16 "
+                   "(benchmarks/README.md); ar without a draft."),
     controller: opt.Controller = None,
     temperature: opt.Temperature = 0.0,
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
@@ -56,19 +58,22 @@ def generate(
     """Generate text for one prompt (a user turn of the chat template, or --raw text) with the target alone (ar)
     or speculatively."""
     from radar.decoding.methods import Method
+    from radar.decoding.pair import precision_of
     from radar.decoding.verify import Sampling
     from radar.ops.models import attach_controller, load_pair
 
     with user_errors():
-        parsed, sampling = Method.parse(method), Sampling(temperature, top_p)
+        parsed, sampling = Method.parse(method) if method else None, Sampling(temperature, top_p)
         if max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         if not prompt.strip():
             raise UserError("the prompt is empty")
         model, draft = resolve_models(model, draft)
-        if parsed.speculative and draft is None:
+        if parsed is not None and parsed.speculative and draft is None:
             raise UserError(f"--method {method} needs --draft PATH (or use --method ar)")
         pair = load_pair(model, draft, device, dtype, tree_tokens=tree_tokens)
+        if parsed is None:
+            parsed = Method.parse(FASTEST_METHOD[precision_of(pair.target) == "gguf"] if draft else "ar")
         if parsed.kind == "radar":
             attach_controller(pair, controller)
         ids = pair.encode(prompt) if raw else pair.chat_ids(prompt)
@@ -82,6 +87,9 @@ def generate(
     s = result.stats
     say(f"[dim]{s.new_tokens} tokens in {s.wall_s:.2f}s ({s.tokens_per_s:.1f} tok/s), tau {s.tau:.2f}, "
         f"{s.mean_draft_calls:.2f} draft calls/cycle, {s.target_calls} target calls, finish: {s.finish_reason}[/]")
+
+
+FASTEST_METHOD = {True: "chain:1", False: "tree:3"}  # by "is the target gguf": benchmarks/README.md
 
 
 def print_bench(result: dict, title: str) -> None:

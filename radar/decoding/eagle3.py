@@ -167,7 +167,7 @@ class Eagle3Head(nn.Module):
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The hidden input (..., H) for target features (..., n_features * target hidden size)."""
-        return self.fc(features)
+        return self.fc(features.to(self.dtype))  # a gguf target hands over bf16 features to a float32 head
 
     def target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """Target token ids of draft vocabulary ids."""
@@ -194,7 +194,7 @@ class Eagle3Head(nn.Module):
         mask = attention_mask(q, start, tree_mask, input_ids.device)
         cos, sin = rope_angles(position_ids, self.inv_freq, self.dtype)
         layer_cache = cache.layer(0) if cache is not None else None
-        x = self.midlayer(self.embed_tokens(input_ids), hidden, cos, sin, mask, layer_cache, start)
+        x = self.midlayer(self.embed_tokens(input_ids).to(self.dtype), hidden, cos, sin, mask, layer_cache, start)
         if cache is not None:
             cache.length = start + q
         return self.lm_head(self.norm(x)), x

@@ -103,15 +103,17 @@ class ModelPair:
         tree: TreeConfig | None = None,
     ) -> "ModelPair":
         """Load a target (and optional draft: a small LM or an EAGLE-3 head, told apart by its config.json)
-        checkpoint directory and the target's tokenizer; `dtype` is the target's precision (PRECISIONS), the draft
-        computing in the target's activation dtype."""
+        checkpoint directory and the target's tokenizer; `dtype` is the target's precision (PRECISIONS); the draft
+        computes in the target's dtype, or float32 beside a gguf target."""
         dev = resolve_device(device)
         precision = resolve_precision(dtype, dev, model)
         if precision == "gguf":
             target = load_gguf_model(model, dev)
         else:
             target = Transformer.from_pretrained(model, device=dev, dtype=DTYPES[precision])
-        dt = target.dtype
+        # A draft reads one or two tokens a call, where a CPU's dense float32 beats bf16; a gguf target's bf16
+        # activations are cast on the way in (benchmarks/README.md).
+        dt = torch.float32 if precision == "gguf" else target.dtype
         tree = tree or default_tree(dev, precision)
         if draft and is_eagle3_dir(draft):
             head = Eagle3Head.from_pretrained(draft, device=dev, dtype=dt).bind(target)

@@ -133,7 +133,8 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
     ap.add_argument("--train-limit", type=int, default=None, help="prompts per training set (default: all)")
     ap.add_argument("--test-limit", type=int, default=None, help="prompts per held-out set (default: all)")
-    ap.add_argument("--dtype", default="auto", help="target precision (default: the CPU default, radar.decoding.pair)")
+    ap.add_argument("--dtype", default="bfloat16", help="target precision: the bundled controllers' records were "
+                    "collected in bfloat16 with the 12-node tree (gguf has its own 3-node tree)")
     args = ap.parse_args()
     variants = args.variants.split(",")
     unknown = set(variants) - set(VARIANTS)

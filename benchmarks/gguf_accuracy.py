@@ -4,8 +4,8 @@ to the float32 model dequantized from the same file, and what each step of the w
 For each of `radar bench`'s prompts (the first --limit of mt_bench and of gsm8k, chat-templated) the float32 model
 decodes --max-new-tokens greedily; both models then read prompt + answer in one forward, and at every answer
 position the script compares their logits: the largest absolute error, the RMS error over the RMS of the float32
-logits, and whether the top token agrees. A dense bf16 model (the same float32 weights rounded) is measured the
-same way, to separate what the bf16 activations cost from what the kernel's bf16 scales cost. Whole-answer greedy
+logits, and whether the top token agrees. A dense bf16 model (the float32 weights rounded to bf16, bf16
+activations) is measured the same way, as the yardstick of computing in bf16 at all. Whole-answer greedy
 agreement is in llama_cpp_bench.py's table (`= float32 ar`).
 
 Usage: python benchmarks/gguf_accuracy.py [--model DIR] [--limit N] [--max-new-tokens N] [--out FILE]

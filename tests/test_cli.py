@@ -50,11 +50,13 @@ def test_generate_tree_and_ar_give_the_same_greedy_tokens(tiny_pair):
     assert tree["token_ids"] == ar["token_ids"] == chain["token_ids"]
 
 
-def test_generate_defaults_to_tree_3_with_a_draft_and_ar_without(tiny_pair):
+def test_generate_defaults_to_the_fastest_method_for_the_precision(tiny_pair):
     target, draft = tiny_pair
-    common = ["--model", str(target), "--prompt", "hi", "--max-new-tokens", "2", "--json", "--precision", "float32"]
-    assert json.loads(generate(*common, "--draft", str(draft)).stdout)["method"] == "tree:3"
-    assert json.loads(generate(*common).stdout)["method"] == "ar"
+    common = ["--model", str(target), "--prompt", "hi", "--max-new-tokens", "2", "--json"]
+    method = lambda *extra: json.loads(generate(*common, *extra).stdout)["method"]  # noqa: E731
+    assert method("--draft", str(draft), "--precision", "bfloat16") == "tree:3"
+    assert method("--draft", str(draft), "--precision", "float32") == "ar"
+    assert method("--precision", "bfloat16") == "ar"  # no draft
 
 
 def test_the_console_script_runs_in_a_fresh_process(tiny_pair):

@@ -74,10 +74,11 @@ def test_int4_linear_computes_with_the_dequantized_weights(kind):
     torch.testing.assert_close(out, reference, atol=0.05, rtol=0.02)
 
 
-def test_a_row_gets_the_same_bits_whatever_the_batch():
+@pytest.mark.parametrize("kind", [Q.Q4_1, Q.Q8_0], ids=lambda k: k.name)
+def test_a_row_gets_the_same_bits_whatever_the_batch(kind):
     # The premise of lossless speculation on the int4 kernel: verifying a tree row by row or together is the same.
-    layer = Int4Linear(blocks_of(np.random.default_rng(2).normal(size=(48, 128)).astype(np.float32), Q.Q4_1))
-    x = torch.randn(13, 128).bfloat16()
+    layer = Int4Linear(blocks_of(np.random.default_rng(2).normal(size=(48, 128)).astype(np.float32), kind))
+    x = torch.randn(1, 13, 128).bfloat16()[0]
     together = layer(x)
     assert all(torch.equal(layer(x[:m]), together[:m]) for m in range(1, 14))
 
@@ -111,6 +112,33 @@ def test_greedy_speculation_on_the_gguf_target_equals_its_ar(gguf_dir, method):
 
 
 SMALL_Q = dict(vocab=8, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64)  # int4 groups need 32 columns
+
+
+def test_a_tied_model_with_a_float_embedding_shares_it_with_the_output(tmp_path):
+    model = Transformer.from_pretrained(make_tiny_llama(tmp_path, seed=3, tie=True, **SMALL_Q))
+    weights = {k: torch.from_numpy(v.float().numpy()) if v.ndim == 1 or "embed" in k else
+               blocks_of(v.float().numpy(), Q.Q4_1) for k, v in model.state_dict().items()}
+    quantized = build_quantized(model.config, weights)
+    assert quantized.lm_head.weight is quantized.model.embed_tokens.weight
+    with torch.no_grad():
+        out, reference = quantized(IDS % SMALL_Q["vocab"]).float(), model(IDS % SMALL_Q["vocab"])
+    assert (out - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def test_an_eagle3_head_drafts_losslessly_over_a_gguf_target_and_saves_without_its_embedding(gguf_dir, tmp_path):
+    from tiny_models import make_tiny_eagle3
+
+    from radar.decoding.eagle3 import Eagle3Head
+
+    pair = ModelPair.load(gguf_dir, device="cpu", dtype="gguf")
+    make_tiny_eagle3(Transformer.from_pretrained(gguf_dir), draft_vocab=64).save_pretrained(tmp_path / "head")
+    pair.draft = Eagle3Head.from_pretrained(tmp_path / "head").bind(pair.target)  # float32 beside bf16 features
+    for prompt in ([1, 70, 200], [5, 9, 31, 77, 140]):
+        ar = pair.generate(prompt, "ar", max_new_tokens=16).token_ids
+        assert pair.generate(prompt, "chain:2", max_new_tokens=16).token_ids == ar
+        assert pair.generate(prompt, "tree:2", max_new_tokens=16).token_ids == ar
+    pair.draft.save_pretrained(tmp_path / "again")
+    assert Eagle3Head.from_pretrained(tmp_path / "again").embed_tokens is None
 
 
 def quantized_twin(model: Transformer) -> Transformer:
@@ -154,7 +182,7 @@ def test_gguf_precision_without_the_gguf_file_names_the_fix(gguf_dir, tmp_path):
 
 
 def test_gguf_precision_refuses_a_gpu_device(gguf_dir):
-    with pytest.raises(ModelLoadError, match="CPU's int4 kernel only"):
+    with pytest.raises(ModelLoadError, match="CPU's int4 kernel only: pass --device cpu"):
         load_gguf_model(gguf_dir, "cuda")
 
 
@@ -192,5 +220,6 @@ def test_generate_defaults_to_chain_1_on_a_gguf_target(gguf_dir):
 
 
 def test_gguf_precision_picks_the_small_verification_budget(gguf_dir):
-    assert ModelPair.load(gguf_dir, device="cpu", dtype="gguf").tree.total_tokens == 3
+    tree = ModelPair.load(gguf_dir, device="cpu", dtype="gguf").tree
+    assert (tree.total_tokens, tree.max_calls) == (3, 3)  # a 4th call's nodes could never be verified
     assert ModelPair.load(gguf_dir, device="cpu", dtype="float32").tree.total_tokens == 12

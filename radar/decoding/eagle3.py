@@ -260,8 +260,8 @@ class Eagle3Head(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps(self.config.to_json(), indent=2) + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        if self.shared_embedding:
-            state.pop("embed_tokens.weight")
+        if self.shared_embedding:  # the target's, whatever its form (a gguf target's holds blocks)
+            state = {k: v for k, v in state.items() if not k.startswith("embed_tokens.")}
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 

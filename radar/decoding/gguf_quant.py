@@ -10,8 +10,9 @@ PyTorch's weight-only CPU kernel `_weight_int4pack_mm_for_cpu` computes with `w 
 of 32, so the 4-bit kinds map onto it exactly (up to the kernel's bf16 scales). An 8-bit q does not fit 4 bits, and
 `_weight_int8pack_mm` has one scale per row where Q8_0 has one per block; so a Q8_0 matrix is split as
 `q = 16 * hi + lo` into two 4-bit halves laid side by side along the input dimension, and the input is repeated:
-`x @ w.T = [x, x] @ [16 d hi, d lo].T`, the same numbers in one int4 call, exact. The activations are bf16: the
-kernel's fast path (benchmarks/README.md has the measured costs of the other dtypes).
+`x @ w.T = [x, x] @ [16 d hi, d lo].T`, the same numbers in one int4 call (exact up to the kernel's bf16 scales,
+as for the 4-bit kinds). The activations are bf16: the kernel's fast path (benchmarks/README.md has the measured
+costs of the other dtypes).
 
 A kernel's row result does not depend on how many rows it gets, so a tree verified in one forward gets the bits
 its tokens get decoded one at a time: speculation stays lossless against AR on the same quantized weights.
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from radar.decoding.model import ModelConfig, ModelLoadError, Transformer, load_hf_config, rope_inv_freq
+from radar.decoding.model import ModelConfig, ModelLoadError, RMSNorm, Transformer, load_hf_config, rope_inv_freq
 
 GROUP = 32  # weights per block in every kind read here
 ACTIVATIONS = torch.bfloat16
@@ -48,7 +49,7 @@ LAYER_NAMES = {
 
 
 class GGUFLayoutError(ModelLoadError):
-    """A GGUF tensor has no Llama counterpart or is stored in a kind this loader cannot keep quantized."""
+    """A GGUF file this project cannot read: its metadata, tokenizer, tensor names or block kinds."""
 
 
 def hf_name(name: str) -> str:
@@ -116,7 +117,8 @@ def decode_blocks(kind: str, raw: np.ndarray) -> Blocks:
         q = _nibbles(b[..., 2:]).reshape(rows, -1)
         d = _f16(b[..., :2])
         return Blocks(torch.from_numpy(q.copy()), d, -8 * d)
-    raise GGUFLayoutError(f"GGUF blocks of kind {kind} are not supported (supported: Q4_0, Q4_1, Q8_0, F32, F16, BF16)")
+    raise GGUFLayoutError(f"GGUF blocks of kind {kind} are not supported by the gguf precision (supported: Q4_0, "
+                          "Q4_1, Q8_0, F32, F16, BF16); use --precision bfloat16 or float32")
 
 
 # ------------------------------------------------------------------------------------------------------ layers
@@ -159,17 +161,19 @@ class Int4Linear(nn.Module):
 
 
 class BlockEmbedding(nn.Module):
-    """Token embeddings kept as blocks; a lookup decodes only the rows it reads, exactly, into the activations."""
+    """Token embeddings kept as blocks; a lookup decodes only the rows it reads, exactly, then rounds them to bf16."""
 
     def __init__(self, blocks: Blocks):
         super().__init__()
         self.num_embeddings, self.embedding_dim = blocks.q.shape
         self.register_buffer("q", blocks.q)
         self.register_buffer("scale", blocks.scale)
-        self.register_buffer("zero", blocks.zero if blocks.zero is not None else torch.zeros_like(blocks.scale))
+        self.register_buffer("zero", blocks.zero)  # None for Q8_0
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        w = self.q[ids].float().unflatten(-1, (-1, GROUP)) * self.scale[ids][..., None] + self.zero[ids][..., None]
+        w = self.q[ids].float().unflatten(-1, (-1, GROUP)) * self.scale[ids][..., None]
+        if self.zero is not None:
+            w = w + self.zero[ids][..., None]
         return w.flatten(-2).to(ACTIVATIONS)
 
 
@@ -203,11 +207,12 @@ def load_gguf_model(checkpoint: str | Path, device: str | torch.device = "cpu") 
     blocks: every linear layer and the (tied) output on the int4 kernel, bf16 activations."""
     checkpoint = Path(checkpoint)
     if torch.device(device).type != "cpu":
-        raise ModelLoadError("the gguf precision runs on the CPU's int4 kernel only; on a GPU use --precision bfloat16")
+        raise ModelLoadError("the gguf precision runs on the CPU's int4 kernel only: pass --device cpu, or "
+                             "--precision bfloat16 on the GPU")
     gguf = checkpoint / GGUF_FILE
     if not gguf.is_file():
         raise ModelLoadError(f"{checkpoint} has no {GGUF_FILE}: the gguf precision reads the GGUF a checkpoint was "
-                             "converted from (`radar models fetch` keeps it); use --precision float32 or bfloat16")
+                             "converted from (`radar models fetch` keeps it: fetch the model again), or use --precision float32 or bfloat16")
     cfg = ModelConfig.from_hf(load_hf_config(checkpoint))
     try:
         return build_quantized(cfg, read_gguf(gguf, cfg))
@@ -234,11 +239,13 @@ def build_quantized(cfg: ModelConfig, weights: dict[str, Blocks | torch.Tensor])
                 layer = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=ACTIVATIONS).requires_grad_(False)
                 layer.weight.copy_(w)
             model.set_submodule(name, layer)
-    for name, _ in list(model.named_parameters()):  # the norms
-        if name not in weights:
-            raise GGUFLayoutError(f"no tensor for {name}")
-        module = model.get_submodule(name.rsplit(".", 1)[0])
-        module.weight = nn.Parameter(weights[name].to(ACTIVATIONS), requires_grad=False)
+    if cfg.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):  # a float embedding, shared
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for name, module in list(model.named_modules()):
+        if isinstance(module, RMSNorm):
+            if f"{name}.weight" not in weights:
+                raise GGUFLayoutError(f"no tensor for {name}.weight")
+            module.weight = nn.Parameter(weights[f"{name}.weight"].to(ACTIVATIONS), requires_grad=False)
     model.inv_freq = rope_inv_freq(cfg)
     model.quantized = True
     return model.eval()

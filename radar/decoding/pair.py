@@ -60,12 +60,6 @@ def resolve_precision(name: str, device: torch.device, model: str | Path | None 
     return name
 
 
-def resolve_dtype(name: str, device: torch.device, model: str | Path | None = None) -> torch.dtype:
-    """The activations' dtype under precision `name` (gguf computes in bfloat16)."""
-    precision = resolve_precision(name, device, model)
-    return torch.bfloat16 if precision == "gguf" else DTYPES[precision]
-
-
 def precision_of(model: Transformer) -> str:
     """The precision a loaded target computes in."""
     return "gguf" if model.quantized else str(model.dtype).removeprefix("torch.")
@@ -73,11 +67,13 @@ def precision_of(model: Transformer) -> str:
 
 def default_tree(device: torch.device, precision: str = "float32") -> TreeConfig:
     """The paper's tree (k=10, 60 verified nodes) on a GPU. On a CPU every extra token in a forward costs time,
-    so a narrow tree: k=2 with 12 verified nodes, and 3 under gguf, whose int4 kernel works in blocks of 4 rows,
-    so 4 tokens (the root and 3 nodes) cost little more than one and 5 much more (benchmarks/README.md)."""
+    so a narrow tree: k=2 with 12 verified nodes, and 3 under gguf, whose int4 kernel costs about 18% more per
+    verified token and jumps at 5 (benchmarks/README.md); 3 calls at most, since a 4th call's nodes could not fit."""
     if device.type == "cuda":
         return TreeConfig(branching=10, max_calls=8, total_tokens=60)
-    return TreeConfig(branching=2, max_calls=8, total_tokens=3 if precision == "gguf" else 12)
+    if precision == "gguf":
+        return TreeConfig(branching=2, max_calls=3, total_tokens=3)
+    return TreeConfig(branching=2, max_calls=8, total_tokens=12)
 
 
 @dataclass

@@ -64,7 +64,8 @@ def load_pair(
     tree: TreeConfig | None = None,
     tree_tokens: int | None = None,
 ) -> ModelPair:
-    """Target + draft loaded with the device's default tree, or `tree`, with `tree_tokens` verified per cycle."""
+    """Target + draft loaded with the default tree for the device and precision, or `tree`, with `tree_tokens`
+    verified per cycle."""
     pair = ModelPair.load(model, draft, device=device, dtype=dtype, tree=tree)
     if tree_tokens is not None:
         pair.tree = replace(pair.tree, total_tokens=tree_tokens)

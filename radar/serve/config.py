@@ -20,7 +20,7 @@ class ServeConfig(BaseModel):
     model_name: str | None = Field(None, description="Model id clients send; default: radar-smollm2 or the dir name.")
     device: str = "auto"
     dtype: str = "auto"
-    tree_tokens: int | None = Field(None, ge=1, description="Tree nodes verified per cycle (default per device).")
+    tree_tokens: int | None = Field(None, ge=1, description="Tree nodes verified per cycle (default per device and precision).")
     speculation: SpeculationName = Field("radar", description="Default speculation: radar, tree:D or off.")
     # None: taken from $RADAR_API_KEY when the app is built; "": no key even when that variable is set.
     api_key: str | None = Field(None, description="Bearer key required on every route but /health.")

@@ -413,14 +413,16 @@ def test_session_commit_keeps_tokens_up_to_the_budget_and_streams_only_those(sho
 
 
 @pytest.mark.parametrize(
-    "text, expected", [("ar", Method("ar")), ("chain:3", Method("chain", 3)), (" tree:12 ", Method("tree", 12))]
+    "text, expected", [("ar", Method("ar")), ("chain:3", Method("chain", 3)), (" tree:12 ", Method("tree", 12)),
+                       ("threshold:0.25", Method("threshold", threshold=0.25)), ("threshold:1.01", Method("threshold", threshold=1.01))]
 )
-def test_method_parse_reads_ar_chain_and_tree(text, expected):
+def test_method_parse_reads_ar_chain_tree_and_threshold(text, expected):
     assert Method.parse(text) == expected
     assert Method.parse(str(expected)) == expected
 
 
-@pytest.mark.parametrize("text", ["tree:0", "chain", "tree:-1", "beam:3", ""])
+@pytest.mark.parametrize("text", ["tree:0", "chain", "tree:-1", "beam:3", "", "threshold:-1", "threshold:",
+                                  "threshold:x"])
 def test_method_parse_rejects_anything_else(text):
     with pytest.raises(ValueError, match="unknown method"):
         Method.parse(text)

@@ -70,10 +70,13 @@ def test_the_rerun_resumes_at_the_failed_stage_and_benchmarks_radar_with_the_cha
         f"[{i}/7] {name}: skipped (done)" for i, name in enumerate(STAGES[:4], 1)]
     assert set(statuses(work).values()) == {"done"}
 
-    # ar, the HF baselines, the simulator's best fixed depth and radar, on the same prompts; greedy radar is ar.
+    # ar, the HF baselines, the simulator's best fixed depth, its tuned threshold rule and radar, on the same
+    # prompts; greedy radar and the threshold rule are ar.
     bench = json.loads((work.work / "bench.json").read_text())
     depth = result.simulation["best_fixed_depth"]
-    assert list(bench["methods"]) == ["ar", "hf", "hf-pld", "hf-assisted", f"tree:{depth}", "radar"]
+    threshold = result.simulation["table"]["policies"]["threshold"]["params"]["threshold"]
+    assert list(bench["methods"]) == ["ar", "hf", "hf-pld", "hf-assisted", f"tree:{depth}", f"threshold:{threshold:.3g}",
+                                      "radar"]
     assert bench["methods"]["radar"]["outputs"] == bench["methods"]["ar"]["outputs"]
     assert all(bench["greedy_outputs_match_ar"].values())
     assert bench["config"]["controller"] == "models:/radar-controller@champion"

@@ -101,3 +101,20 @@ def test_a_greedy_sampled_controller_pair_is_chosen_by_temperature(tiny_pair, tm
     greedy = pair.generate(ids, "radar", Sampling(0.0), max_new_tokens=16).stats.draft_calls_per_cycle
     sampled = pair.generate(ids, "radar", Sampling(1.0), max_new_tokens=16).stats.draft_calls_per_cycle
     assert set(greedy) == {pair.tree.max_calls} and set(sampled) == {1}
+
+
+def test_a_controller_for_another_branching_is_refused_with_the_fix(tiny_pair, tmp_path):
+    LSTMController(ControllerConfig(input_size=10, hidden_size=16, mlp_hidden=16)).save(tmp_path / "k10")
+    pair = ModelPair.load(*tiny_pair, device="cpu", dtype="float32")  # the CPU tree: branching 2
+    with pytest.raises(ValueError, match="branching-10 tree, but this pair drafts with branching 2"):
+        attach_controller(pair, tmp_path / "k10")
+
+
+def test_threshold_method_equals_ar_and_its_depth_follows_p(tiny_pair):
+    pair = ModelPair.load(*tiny_pair, device="cpu", dtype="float32")
+    prompt = random_ids(8, pair.target.config.vocab_size, seed=5)[0].tolist()
+    ar = pair.generate(prompt, "ar", max_new_tokens=16).token_ids
+    eager, cautious = (pair.generate(prompt, f"threshold:{p}", max_new_tokens=16) for p in (1e-6, 1.0))
+    assert eager.token_ids == cautious.token_ids == ar
+    assert cautious.stats.mean_draft_calls == 1  # P = 1: no frontier is that sure, so one call a cycle
+    assert eager.stats.mean_draft_calls > 1

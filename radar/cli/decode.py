@@ -44,7 +44,7 @@ def generate(
     model: opt.Model = None,
     draft: opt.Draft = None,
     method: Optional[str] = typer.Option(
-        None, help="ar, radar, chain:D or tree:D (D = draft calls per cycle). Default: the fastest greedy method "
+        None, help="ar, radar, chain:D, tree:D (D = draft calls per cycle) or threshold:P. Default: the fastest greedy method "
                    "measured on the default pair in the precision in use: chain:1 in gguf, ar in float32, tree:3 "
                    "in bf16 (benchmarks/README.md); ar without a draft."),
     controller: opt.Controller = None,
@@ -112,7 +112,7 @@ def bench(
     top_p: float = typer.Option(1.0),
     methods: str = typer.Option("ar,hf,hf-pld,chain:3,tree:3,radar",
                                 help="Comma-separated: ar, hf, hf-pld, hf-assisted (a small-LM draft only), radar, "
-                                     "chain:D, tree:D."),
+                                     "chain:D, tree:D, threshold:P."),
     controller: opt.Controller = None,
     repeats: int = typer.Option(1, help="Timed repeats per method; the median is kept."),
     seed: int = typer.Option(0),

@@ -36,7 +36,7 @@ def demo(
 ) -> None:
     """The whole pipeline on SmolLM2-135M-Instruct and its EAGLE-3 head: fetch the target, measure the costs,
     collect records on Ray actors, train a controller, run a small tuning sweep, register the better controller
-    as the champion, and benchmark ar, hf, hf prompt lookup, the best fixed tree and radar. Every stage skips work already done (WORK_DIR/stages.json);
+    as the champion, and benchmark ar, hf, hf prompt lookup, the best fixed tree, the tuned threshold rule and radar. Every stage skips work already done (WORK_DIR/stages.json);
     after a failure, the same command resumes from the failed stage."""
     from radar.demo.config import DemoRunConfig
     from radar.demo.pipeline import run_demo

@@ -17,7 +17,7 @@ from radar.decoding.gguf_quant import GGUF_FILE, load_gguf_model
 from radar.decoding.methods import Method
 from radar.decoding.model import ModelLoadError, Transformer
 from radar.decoding.session import GenerationResult, OnCommit
-from radar.decoding.stop import FixedDepth, StopPolicy
+from radar.decoding.stop import FixedDepth, StopPolicy, ThresholdPolicy
 from radar.decoding.tree import TreeConfig
 from radar.decoding.verify import Sampling
 
@@ -154,7 +154,7 @@ class ModelPair:
         policy: StopPolicy | None = None,
         on_commit: OnCommit | None = None,
     ) -> GenerationResult:
-        """Decode with `ar`, `chain:D`, `tree:D` or `radar`; `policy` overrides the method's stop rule;
+        """Decode with `ar`, `chain:D`, `tree:D`, `threshold:P` or `radar`; `policy` overrides the method's stop rule;
         `on_commit(tokens)` sees every step's committed tokens as they come (return False to stop)."""
         method = Method.parse(method) if isinstance(method, str) else method
         generator = torch.Generator(self.target.device).manual_seed(seed)
@@ -166,6 +166,8 @@ class ModelPair:
             if policy is None and self.stop_policy is None:
                 raise ValueError("method radar needs a controller (--controller PATH)")
             cfg, policy = self.tree, policy or self.stop_policy(seed, sampling)
+        elif method.kind == "threshold":
+            cfg, policy = self.tree, policy or ThresholdPolicy(method.threshold)
         elif method.kind == "chain":
             cfg = TreeConfig(branching=1, max_calls=method.depth, total_tokens=method.depth)
         else:

@@ -42,4 +42,5 @@ def choose_champion(records: str, costs: str, candidates: dict[str, dict], out: 
         version = register_controller(out, candidates[choice]["run_id"], metrics=metrics, experiment=experiment)
     return {"path": str(out), "digest": controller_digest(out), "choice": choice, "speedups": speedups,
             "best_fixed_depth": depth, "best_fixed_speedup": sim.best_fixed.speedup, "version": version,
+            "tuned_threshold": sim.policies["threshold"].params["threshold"],
             "simulation": str(sim_path)}

@@ -7,7 +7,7 @@
     tune      a small Ray Tune sweep (experiment radar-tune)   -> WORK/tune/, best trial in WORK/tuned/
     register  the better of the two by simulated held-out speedup, as models:/radar-controller@champion
                                                                -> WORK/champion/, WORK/simulate.json
-    bench     ar, hf, hf-pld, tree:D (the simulator's best fixed depth) and radar (experiment radar-bench)
+    bench     ar, hf, hf-pld, tree:D (the best fixed depth), threshold:P (the tuned rule) and radar (radar-bench)
                                                                -> WORK/bench.json
 
 Each stage calls the operation a user would run by hand (radar.ops). Outputs are written atomically, so a failed or
@@ -318,14 +318,17 @@ class DemoPipeline:
         )
 
     def stage_bench(self, pair: dict, champion: dict) -> dict:
-        """Real decoding, side by side: ar, hf, hf prompt lookup, the best fixed-depth tree and radar with the champion."""
+        """Real decoding, side by side: ar, hf, hf prompt lookup, the best fixed-depth tree, the tuned threshold rule
+        and radar with the champion."""
         from radar.decoding.eagle3 import is_eagle3_dir
         from radar.ops.bench import benchmark, log_benchmark, progress_steps
 
         cfg, path = self.cfg, self.work / "bench.json"
         # transformers' assisted generation takes a small LM as draft, not an EAGLE-3 head; prompt lookup needs none
         hf = ["hf", "hf-pld"] if is_eagle3_dir(pair["draft"]) else ["hf", "hf-pld", "hf-assisted"]
-        job = replace(cfg.bench, methods=["ar", *hf, f"tree:{champion['best_fixed_depth']}", "radar"],
+        threshold = champion.get("tuned_threshold")  # absent from stages written before the threshold joined the bench
+        rule = [f"threshold:{threshold:.3g}"] if threshold is not None else []
+        job = replace(cfg.bench, methods=["ar", *hf, f"tree:{champion['best_fixed_depth']}", *rule, "radar"],
                       controller="models:/radar-controller@champion" if cfg.track else champion["path"],
                       model=pair["target"], draft=pair["draft"], device=cfg.device, dtype=cfg.dtype,
                       tree_tokens=self.tree.total_tokens, max_new_tokens=cfg.max_new_tokens,

@@ -99,6 +99,11 @@ def attach_controller(pair: ModelPair, spec: str | Path | None = None, greedy: b
         by_regime = {True: load_controller(path / "greedy", device), False: load_controller(path / "sampled", device)}
     else:
         by_regime = dict.fromkeys((True, False), load_controller(path, device))
+    for controller in by_regime.values():  # a state of k scores from a tree of another branching is meaningless
+        if controller.k != pair.tree.branching:
+            raise ValueError(f"controller {path} reads the frontier of a branching-{controller.k} tree, but this "
+                             f"pair drafts with branching {pair.tree.branching}: use a controller trained on records "
+                             f"of branching {pair.tree.branching} (radar collect/train)")
     pair.stop_policy = lambda seed, sampling: ControllerPolicy(
         by_regime[sampling.temperature == 0], greedy=greedy, seed=seed)
     return pair

@@ -58,7 +58,7 @@ def server(tiny_pair, ray_session, tmp_path_factory):
     target, draft = tiny_pair
     controller = tmp_path_factory.mktemp("serve") / "controller"
     torch.manual_seed(0)
-    LSTMController(ControllerConfig(input_size=10, hidden_size=16, mlp_hidden=16)).save(controller)
+    LSTMController(ControllerConfig(input_size=2, hidden_size=16, mlp_hidden=16)).save(controller)  # the CPU tree: branching 2
     port = _free_port()
     common = dict(model=str(target), draft=str(draft), controller=str(controller), model_name="tiny", num_cpus=0.5,
                   port=port)

@@ -12,7 +12,8 @@ import torch
 from tiny_gguf import CHAT_TEMPLATE, SHAPE, random_llama_state, reference_llama, vocabulary, write_gguf
 
 from radar.decoding.model import Transformer
-from radar.ops.gguf_convert import ConversionError, convert_gguf, unpermute_rows
+from radar.decoding.gguf_quant import unpermute_rows
+from radar.ops.gguf_convert import ConversionError, convert_gguf
 
 IDS = torch.tensor([[1, 70, 200, 265, 3, 99, 140, 7, 260, 31, 2, 150]])
 

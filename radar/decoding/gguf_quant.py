@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -180,19 +181,26 @@ class BlockEmbedding(nn.Module):
 # ------------------------------------------------------------------------------------------------------ loading
 
 
+def llama_tensors(reader, n_heads: int, n_kv_heads: int) -> Iterator[tuple[str, str, np.ndarray]]:
+    """(Hugging Face name, GGML kind, stored data) of every tensor a `gguf.GGUFReader` holds, q/k rows in Hugging
+    Face's order (the data of a quantized kind is its raw block bytes, row by row)."""
+    from gguf import GGMLQuantizationType
+
+    heads = {"q_proj": n_heads, "k_proj": n_kv_heads}
+    for tensor in reader.tensors:
+        name = hf_name(tensor.name)
+        data, proj = np.asarray(tensor.data), name.split(".")[-2]
+        yield name, GGMLQuantizationType(tensor.tensor_type).name, unpermute_rows(data, heads[proj]) if proj in heads else data
+
+
 def read_gguf(path: str | Path, cfg: ModelConfig) -> dict[str, Blocks | torch.Tensor]:
     """Every tensor of a Llama GGUF file under its Hugging Face name: quantized ones as `Blocks`, float ones as
-    float32 tensors; q/k rows back in Hugging Face's order."""
-    from gguf import GGMLQuantizationType, GGUFReader
+    float32 tensors."""
+    from gguf import GGUFReader
 
-    heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
     out: dict[str, Blocks | torch.Tensor] = {}
-    for tensor in GGUFReader(str(path)).tensors:
-        name = hf_name(tensor.name)
-        kind = GGMLQuantizationType(tensor.tensor_type).name
-        data = np.asarray(tensor.data)
-        if data.ndim == 2 and name.split(".")[-2] in heads:
-            data = unpermute_rows(data, heads[name.split(".")[-2]])
+    reader = GGUFReader(str(path))
+    for name, kind, data in llama_tensors(reader, cfg.num_attention_heads, cfg.num_key_value_heads):
         if kind in ("F32", "F16"):
             out[name] = torch.from_numpy(data.astype(np.float32))
         elif kind == "BF16":

@@ -22,7 +22,7 @@ from gguf.quants import dequantize
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
-from radar.decoding.gguf_quant import LAYER_NAMES, GGUFLayoutError, hf_name, unpermute_rows
+from radar.decoding.gguf_quant import LAYER_NAMES, GGUFLayoutError, llama_tensors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -106,25 +106,20 @@ def generation_config(config: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------- weights
 
 
-def tensor_array(tensor: Any) -> np.ndarray:
-    """A GGUF tensor as float32 in Hugging Face's (out, in) layout, dequantized when it is stored quantized."""
-    kind = GGMLQuantizationType(tensor.tensor_type)
-    if kind == GGMLQuantizationType.F32:
-        return np.array(tensor.data, dtype=np.float32)  # a copy: the reader's arrays are read-only file maps
-    return dequantize(tensor.data, kind).astype(np.float32, copy=False)
+def tensor_array(kind: str, data: np.ndarray) -> np.ndarray:
+    """A GGUF tensor's stored data as float32 in Hugging Face's (out, in) layout, dequantized when it is quantized."""
+    if kind == "F32":
+        return np.array(data, dtype=np.float32)  # a copy: the reader's arrays are read-only file maps
+    return dequantize(data, GGMLQuantizationType[kind]).astype(np.float32, copy=False)
 
 
 def hf_tensors(reader: GGUFReader, config: dict, dtype: torch.dtype, progress: bool = False
                ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the GGUF under its Hugging Face name, dequantized and with q/k rows restored."""
-    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
-    for tensor in tqdm(reader.tensors, desc="converting", unit="tensor", disable=not progress):
-        name = hf_name(tensor.name)
-        array = tensor_array(tensor)
-        proj = name.split(".")[-2]
-        if proj in heads:
-            array = unpermute_rows(array, heads[proj])
-        yield name, torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+    tensors = llama_tensors(reader, config["num_attention_heads"], config["num_key_value_heads"])
+    for name, kind, data in tqdm(tensors, total=len(reader.tensors), desc="converting", unit="tensor",
+                                 disable=not progress):
+        yield name, torch.from_numpy(np.ascontiguousarray(tensor_array(kind, data))).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------- tokenizer

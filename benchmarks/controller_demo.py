@@ -20,12 +20,14 @@ from pathlib import Path
 
 import torch
 
+from radar.controller.budgets import default_budgets
 from radar.controller.collect import collect_records
 from radar.controller.dataset import read_records, write_records
 from radar.controller.mdp import CostModel
 from radar.controller.policy import ControllerConfig, LSTMController
 from radar.controller.profile import profile_costs
-from radar.controller.simulate import plot, simulate
+from radar.controller.plots import plot
+from radar.controller.simulate import simulate
 from radar.controller.train import TrainConfig, train
 from radar.decoding.pair import ModelPair
 from radar.ops.models import default_pair
@@ -49,6 +51,14 @@ VARIANTS = {
     "mean-throughput": dict(variant="reinforce", expected_reward=True, baseline="mean", reward="throughput", alpha=0.0),
     "mean-throughput-lr1e-3": dict(variant="reinforce", expected_reward=True, baseline="mean", reward="throughput",
                                    alpha=0.0, lr=1e-3),
+    # PPO-style with the throughput reward, as Learning to Draft (ICLR 2026) trains its policies
+    "ppo": dict(variant="ppo", alpha=0.0, lr=1e-3),
+    # no sampling: the expected throughput over every depth (and budget) the records hold, differentiated exactly
+    "exact": dict(variant="exact", alpha=0.0),
+    # both started from the tuned threshold rule (behaviour cloning) instead of a random network
+    "exact-warm": dict(variant="exact", alpha=0.0, lr=1e-3, init="threshold"),
+    "mean-throughput-warm": dict(variant="reinforce", expected_reward=True, baseline="mean", reward="throughput",
+                                 alpha=0.0, lr=1e-3, init="threshold"),
 }
 
 
@@ -75,11 +85,12 @@ def stage_collect(pair: ModelPair, work: Path, split: str, sets: tuple[str, ...]
 
 
 def stage_train(work: Path, name: str, records_path: Path, cost: CostModel, temperature: float,
-                size: ControllerConfig, **overrides) -> Path:
-    out = work / f"controllers-t{temperature:g}" / name
+                size: ControllerConfig, seed: int = 0, **overrides) -> Path:
+    out = work / f"controllers-t{temperature:g}" / f"{name}-s{seed}"
     if not (out / "controller.json").exists():
         records = read_records(records_path)
-        cfg = TrainConfig(**{**dict(gamma=0.99, lr=3e-3, epochs=100, batch_size=256, cost=cost, seed=0), **overrides})
+        cfg = TrainConfig(**{**dict(gamma=0.99, lr=3e-3, epochs=100, batch_size=256, cost=cost, seed=seed),
+                             **overrides})
         t = time.perf_counter()
         controller, history = train(records, cfg, size, progress=False)
         controller.save(out, meta={"train": cfg.to_dict(), "records": str(records_path),
@@ -87,39 +98,66 @@ def stage_train(work: Path, name: str, records_path: Path, cost: CostModel, temp
     return out
 
 
+def controller_speedup(result) -> float:
+    row = result.policies.get("controller") or result.policies["controller+budget"]
+    return row.speedup
+
+
 def run(work: Path, temperatures: list[float], hidden: int, variants: list[str], limits: tuple[int | None, int | None],
-        dtype: str) -> None:
+        dtype: str, collect_only: bool = False, seeds: tuple[int, ...] = (0,), costs: Path | None = None) -> None:
     torch.set_num_threads(1)
     target, draft = default_pair()
     pair = ModelPair.load(target, draft, device="cpu", dtype=dtype)
     pair.tree = replace(pair.tree, branching=K, max_calls=T_MAX, total_tokens=TREE_TOKENS)
     size = ControllerConfig(input_size=K, hidden_size=hidden, mlp_hidden=hidden)
-    cost = stage_costs(pair, work, size)
+    cost = CostModel.load(costs) if costs else stage_costs(pair, work, size)
+    budgets = default_budgets(TREE_TOKENS)
     print("costs:", cost.to_dict())
     for temperature in temperatures:
         train_path = stage_collect(pair, work, "train", TRAIN_SETS, temperature, limits[0])
         test_path = stage_collect(pair, work, "test", TEST_SETS, temperature, limits[1])
+        if collect_only:
+            continue
         fit, held = read_records(train_path), read_records(test_path)
-        tables: dict[str, dict] = {}
+        runs: dict[str, dict] = {}
         for name in variants:
-            ctrl_dir = stage_train(work, name, train_path, cost, temperature, size, **VARIANTS[name])
-            result = simulate(held, cost, controller=LSTMController.load(ctrl_dir), train_records=fit)
-            tables[name] = result.to_dict()
-        best = max(tables, key=lambda n: tables[n]["policies"]["controller"]["speedup"])
-        final = simulate(held, cost, controller=LSTMController.load(work / f"controllers-t{temperature:g}" / best),
-                         train_records=fit)
-        print(f"\n== temperature {temperature:g}: held-out {TEST_SETS}, best controller {best}")
+            for head in ("", "+budget"):
+                shape = replace(size, budgets=budgets) if head else size
+                scores = []
+                for seed in seeds:
+                    ctrl_dir = stage_train(work, name + head, train_path, cost, temperature, shape, seed,
+                                           **VARIANTS[name])
+                    result = simulate(held, cost, controller=LSTMController.load(ctrl_dir), train_records=fit)
+                    row = result.policies.get("controller") or result.policies["controller+budget"]
+                    scores.append({"seed": seed, "speedup": row.speedup, "mean_calls": row.mean_calls,
+                                   "mean_budget": row.mean_budget, "dir": str(ctrl_dir)})
+                sp = torch.tensor([x["speedup"] for x in scores], dtype=torch.float64)
+                runs[name + head] = {"seeds": scores, "mean": float(sp.mean()),
+                                     "std": float(sp.std()) if len(sp) > 1 else 0.0}
+        best_depth = max((n for n in runs if not n.endswith("+budget")), key=lambda n: runs[n]["mean"])
+        best_joint = max((n for n in runs if n.endswith("+budget")), key=lambda n: runs[n]["mean"])
+
+        def best_dir(name: str) -> Path:
+            return Path(max(runs[name]["seeds"], key=lambda x: x["speedup"])["dir"])
+
+        final = simulate(held, cost, controller=LSTMController.load(best_dir(best_depth)), train_records=fit,
+                         budgets=budgets)
+        joint = simulate(held, cost, controller=LSTMController.load(best_dir(best_joint)), fixed=False)
+        final.policies["controller+budget"] = joint.policies["controller+budget"]
+        print(f"\n== temperature {temperature:g}: held-out {TEST_SETS}, {len(held)} records; controllers "
+              f"{best_depth} (depth only) and {best_joint} (depth + budget), their best seed")
         print(final.table())
-        summary = {name: t["policies"]["controller"] for name, t in tables.items()}
-        for name, s in summary.items():
-            print(f"  {name:<22} controller {s['speedup']:.3f}x, {s['mean_calls']:.2f} calls")
+        for name, r in runs.items():
+            print(f"  {name:<32} {r['mean']:.3f}x +- {r['std']:.3f} over seeds {list(seeds)}")
         RESULTS.mkdir(exist_ok=True)
         suffix = "" if hidden == REFERENCE_HIDDEN else f"-h{hidden}"
-        out = RESULTS / f"controller-demo-t{temperature:g}{suffix}.json"
+        precision = "" if dtype == "bfloat16" else f"-{dtype}"  # bf16: the bundled controllers' files
+        out = RESULTS / f"controller-demo{precision}-t{temperature:g}{suffix}.json"
         out.write_text(json.dumps({
-            "temperature": temperature, "train_sets": TRAIN_SETS, "test_sets": TEST_SETS,
+            "temperature": temperature, "train_sets": TRAIN_SETS, "test_sets": TEST_SETS, "precision": dtype,
             "train_records": len(fit), "test_records": len(held), "controller": asdict(size), "costs": cost.to_dict(),
-            "best": best, "table": final.to_dict(), "variants": tables,
+            "budgets": budgets, "best_depth_only": best_depth, "best_depth_budget": best_joint,
+            "table": final.to_dict(), "variants": runs,
         }, indent=1) + "\n")
         plot(final, out.with_suffix(".png"))
 
@@ -135,13 +173,18 @@ def main() -> None:
     ap.add_argument("--test-limit", type=int, default=None, help="prompts per held-out set (default: all)")
     ap.add_argument("--dtype", default="bfloat16", help="target precision: the bundled controllers' records were "
                     "collected in bfloat16 with the 12-node tree (gguf has its own 3-node tree)")
+    ap.add_argument("--collect-only", action="store_true", help="profile and collect, train nothing")
+    ap.add_argument("--seeds", default="0", help="comma-separated training seeds (the spread is reported)")
+    ap.add_argument("--costs", type=Path, default=None, help="a cost file to price with (default: WORK/costs.json, "
+                    "measured when missing)")
     args = ap.parse_args()
     variants = args.variants.split(",")
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
     run(args.work, [float(t) for t in args.temperatures.split(",")], args.hidden, variants,
-        (args.train_limit, args.test_limit), args.dtype)
+        (args.train_limit, args.test_limit), args.dtype, args.collect_only,
+        tuple(int(x) for x in args.seeds.split(",")), args.costs)
 
 
 if __name__ == "__main__":

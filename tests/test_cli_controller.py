@@ -41,7 +41,8 @@ def test_train_on_a_directory_without_records_is_a_one_line_error(tmp_path):
 
 
 def test_train_into_a_directory_holding_other_files_replaces_only_the_controller(tmp_path):
-    from radar.controller.dataset import synthetic_records, write_records
+    from radar.controller.dataset import write_records
+    from radar.controller.synthetic import synthetic_records
 
     write_records(synthetic_records(40, t_max=8, k=4, seed=0), tmp_path / "records" / "r.parquet")
     out = tmp_path / "runs"

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from scipy.stats import chisquare
 
+from radar.controller.budgets import budget_dists
 from radar.controller.collect import collect_prompt, collect_records, model_names, prompt_seed
 from radar.controller.dataset import SCHEMA_VERSION, RecordSet, read_records, write_records
 from radar.controller.mdp import CostModel
@@ -365,3 +366,30 @@ def test_profile_costs_are_positive_and_the_cost_file_round_trips(pair, tmp_path
 def test_profile_rejects_a_prompt_longer_than_the_context(pair):
     with pytest.raises(ValueError, match="prompt-tokens"):
         profile_costs(pair, prompt_tokens=pair.target.config.max_position_embeddings, repeats=1)
+
+
+# ---- other budgets, from the records' nodes --------------------------------------------------------------
+
+
+def test_nodes_reproduce_every_d_i_at_the_collection_budget(sampled):
+    records = RecordSet.from_records(sampled)
+    assert records.budget == 16 and records.nodes is not None
+    grid = budget_dists(records, [16])[:, :, 0]
+    assert torch.allclose(grid, records.dists, atol=1e-5)
+
+
+@pytest.mark.parametrize("calls,budget", [(1, 3), (2, 5), (4, 8), (8, 2)])
+def test_a_smaller_budget_gives_what_the_engine_accepts_with_that_budget(pair, greedy, calls, budget):
+    records = RecordSet.from_records(greedy)
+    grid = budget_dists(records, [budget])[:, calls - 1, 0]
+    firsts = [n for n, r in enumerate(greedy) if n == 0 or greedy[n - 1].prompt_id != r.prompt_id]
+    for n in firsts:
+        prefix = pair.chat_ids(PROMPTS[int(greedy[n].prompt_id[1:])].text)
+        res = pair.generate(prefix, f"tree:{calls}@{budget}", max_new_tokens=1)
+        assert int(grid[n].argmax()) == res.stats.accept_lengths[0] - 1
+        assert float(grid[n].max()) == pytest.approx(1.0)
+
+
+def test_a_budget_above_the_collection_budget_is_refused(greedy):
+    with pytest.raises(ValueError, match="budgets must be in 1..16"):
+        budget_dists(RecordSet.from_records(greedy), [32])

@@ -14,11 +14,11 @@ from radar.controller.dataset import (
     RecordSet,
     read_records,
     split,
-    synthetic_records,
     to_dataframe,
     train_test_split,
     write_records,
 )
+from radar.controller.synthetic import synthetic_records
 
 
 def test_synthetic_records_are_valid_and_state_dependent():
@@ -77,7 +77,7 @@ def test_version_mismatch_is_a_clear_error(tmp_path):
     old = table.set_column(table.column_names.index("schema_version"), "schema_version",
                            pa.array([SCHEMA_VERSION + 1] * 5, type=pa.int32()))
     pq.write_table(old.replace_schema_metadata({}), tmp_path / "old.parquet")
-    with pytest.raises(ValueError, match=f"schema version .*{SCHEMA_VERSION + 1}.*reads version {SCHEMA_VERSION}"):
+    with pytest.raises(ValueError, match=f"schema version .*{SCHEMA_VERSION + 1}.*reads versions 1, {SCHEMA_VERSION}"):
         read_records(tmp_path / "old.parquet")
     meta_only = table.replace_schema_metadata({b"radar.schema_version": b"99"})
     pq.write_table(meta_only, tmp_path / "meta.parquet")

@@ -12,7 +12,7 @@ from torch import nn
 from radar.controller.policy import ControllerConfig, ControllerPolicy, LSTMController, load_controller
 from radar.controller.state import PAD_LOGPROB, frontier_state
 from radar.controller.simulate import controller_depths, policy_depths, threshold_depths
-from radar.controller.dataset import synthetic_records
+from radar.controller.synthetic import synthetic_records
 from radar.decoding.drafters import SmallLMDrafter
 from radar.decoding.model import Transformer
 from radar.decoding.stop import FixedDepth, ThresholdPolicy

@@ -9,13 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
-from radar.controller.dataset import SCHEMA_VERSION, RecordSet, synthetic_records
+from radar.controller.dataset import SCHEMA_VERSION, RecordSet
+from radar.controller.synthetic import synthetic_records
 from radar.controller.mdp import LLAMA31_8B, CostModel, expected_speedup
 from radar.controller.policy import ControllerConfig, LSTMController
+from radar.controller.plots import plot
 from radar.controller.simulate import (
     evaluate_depths,
     oracle_depths,
-    plot,
     simulate,
     threshold_depths,
     throughput_oracle_depths,

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from radar.controller.dataset import synthetic_records, train_test_split
+from radar.controller.dataset import train_test_split
+from radar.controller.synthetic import synthetic_records
 from radar.controller.mdp import CostModel
 from radar.controller.policy import ControllerConfig
 from radar.controller.simulate import controller_depths, simulate
@@ -18,7 +19,7 @@ SMALL = ControllerConfig(hidden_size=16, mlp_hidden=16)
 
 
 def test_config_validation_and_presets():
-    for bad in ({"variant": "ppo"}, {"baseline": "critic"}, {"schedule": "step"}, {"reward": "x"},
+    for bad in ({"variant": "a2c"}, {"baseline": "critic"}, {"schedule": "step"}, {"reward": "x"},
                 {"baseline": "group", "group_size": 1}, {"epochs": 0}, {"gamma": 1.5}, {"beta": 0.0}):
         with pytest.raises(ValueError):
             TrainConfig(**bad)

@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from radar.controller.policy import ControllerConfig, LSTMController
+from radar.controller.rules import threshold_controller
 from radar.decoding.methods import Method
 from radar.decoding.pair import ModelPair
 from radar.decoding.verify import Sampling
@@ -118,3 +119,34 @@ def test_threshold_method_equals_ar_and_its_depth_follows_p(tiny_pair):
     assert eager.token_ids == cautious.token_ids == ar
     assert cautious.stats.mean_draft_calls == 1  # P = 1: no frontier is that sure, so one call a cycle
     assert eager.stats.mean_draft_calls > 1
+
+
+def test_a_budget_suffix_parses_and_round_trips():
+    assert Method.parse("tree:3@6") == Method("tree", 3, budget=6) and str(Method.parse("tree:3@6")) == "tree:3@6"
+    assert Method.parse("threshold:0.3@4") == Method("threshold", threshold=0.3, budget=4)
+    for bad in ("chain:2@3", "radar@4", "ar@2", "tree:2@0", "tree:2@"):
+        with pytest.raises(ValueError, match="tree:D@B"):
+            Method.parse(bad)
+
+
+def test_a_budgeted_tree_verifies_that_many_tokens_and_stays_lossless(tiny_pair):
+    pair = ModelPair.load(*tiny_pair, device="cpu", dtype="float32")
+    prompt = random_ids(8, pair.target.config.vocab_size, seed=6)[0].tolist()
+    ar = pair.generate(prompt, "ar", max_new_tokens=16).token_ids
+    for method, size in (("tree:3@1", 1), ("tree:3@5", 5), ("threshold:0.000001@2", 2)):
+        res = pair.generate(prompt, method, max_new_tokens=16)
+        assert res.token_ids == ar
+        assert set(res.stats.tree_tokens_per_cycle) == {size}
+
+
+def test_a_controller_with_a_budget_head_picks_each_cycles_tree_size_losslessly(tiny_pair, tmp_path):
+    # A threshold network whose budget head picks 6 tokens when the best frontier score is above -5, else 1.
+    controller = threshold_controller(0.02, 2, budgets=[1, 3, 6], budget=1)
+    with torch.no_grad():
+        controller.budget_head.weight[2, 2], controller.budget_head.bias[2] = 10.0, 60.0
+    pair = attach_controller(ModelPair.load(*tiny_pair, device="cpu", dtype="float32"), controller.save(tmp_path / "c"))
+    prompt = random_ids(8, pair.target.config.vocab_size, seed=7)[0].tolist()
+    res = pair.generate(prompt, "radar", max_new_tokens=24)
+    assert res.token_ids == pair.generate(prompt, "ar", max_new_tokens=24).token_ids
+    assert set(res.stats.tree_tokens_per_cycle) <= {1, 2, 3, 6}  # a one-call pool holds only 2 nodes
+    assert len(set(res.stats.tree_tokens_per_cycle)) > 1

@@ -7,7 +7,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from radar.controller.dataset import synthetic_records, write_records
+from radar.controller.dataset import write_records
+from radar.controller.synthetic import synthetic_records
 from radar.controller.policy import ControllerConfig, LSTMController, load_controller
 from radar.common import tracking
 from radar.ops.models import download_controller

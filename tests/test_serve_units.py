@@ -65,7 +65,7 @@ def test_speculation_names_radar_off_and_tree_up_to_16():
     assert speculation_name(parse_speculation("off")) == "off"
 
 
-@pytest.mark.parametrize("value", ["ar", "chain:2", "threshold:0.5", " radar", "tree:04", "tree:0", "eagle", ""])
+@pytest.mark.parametrize("value", ["ar", "chain:2", "threshold:0.5", " radar", "tree:04", "tree:0", "tree:2@4", "eagle", ""])
 def test_speculation_refuses_engine_only_and_non_canonical_spellings(value):
     with pytest.raises(ValueError, match="speculation must be 'radar', 'off' or 'tree:D'"):
         parse_speculation(value)

@@ -8,7 +8,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from radar.controller.dataset import read_records, synthetic_records, train_test_split, write_records
+from radar.controller.dataset import read_records, train_test_split, write_records
+from radar.controller.synthetic import synthetic_records
 from radar.controller.mdp import CostModel
 from radar.controller.policy import load_controller
 from radar.controller.simulate import controller_depths, evaluate_depths, simulate

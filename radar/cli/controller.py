@@ -28,7 +28,8 @@ def profile(
     device: opt.Device = "auto",
     dtype: opt.Dtype = "auto",
 ) -> None:
-    """Measure the cost constants T_0, T_f, T_eye and the AR step on this hardware; write a cost file."""
+    """Measure the verification curve, T_f, T_eye, the per-cycle bookkeeping and the AR step on this hardware; write
+    a cost file."""
     from radar.ops.profile import ProfileConfig, profile as run_profile
 
     with user_errors():
@@ -36,8 +37,10 @@ def profile(
         cost = run_profile(ProfileConfig(out=str(out), model=str(model), draft=opt.path_or_none(draft), t_max=t_max,
                                          k=k, tree_tokens=tree_tokens, repeats=repeats,
                                          controller=opt.path_or_none(controller), device=device, dtype=dtype))
+    curve = ", ".join(f"{n}: {v * 1e3:.1f}" for n, v in zip(cost.verify_tokens, cost.verify_s))
     Console().print(f"T_0 {cost.T_0 * 1e3:.2f} ms, T_f {cost.T_f * 1e3:.2f} ms, T_eye {cost.T_eye * 1e3:.3f} ms, "
-                    f"AR step {cost.ar_step * 1e3:.2f} ms -> {out}")
+                    f"T_c {cost.T_c * 1e3:.2f} ms, AR step {cost.ar_step * 1e3:.2f} ms -> {out}\n"
+                    f"verification, ms by tree tokens: {curve}")
 
 
 def collect(
@@ -86,8 +89,14 @@ def train(
     costs: opt.Costs = "llama3.1-8b",
     alpha: float = typer.Option(0.02), gamma: float = typer.Option(0.99), lr: float = typer.Option(1e-4),
     epochs: int = typer.Option(100), batch_size: int = typer.Option(64),
-    variant: str = typer.Option("improved", help="reinforce (paper-exact) or improved (expected reward + group baseline)."),
+    variant: str = typer.Option("improved", help="reinforce (paper-exact), improved (expected reward + group "
+                                "baseline), ppo (clipped PPO steps on a throughput reward) or exact (the expected "
+                                "throughput over every depth the records hold, no sampling)."),
     hidden_size: int = typer.Option(128), dropout: float = typer.Option(0.1), seed: int = typer.Option(0),
+    budgets: Optional[str] = typer.Option(None, help="Give the controller a budget head choosing among these tree "
+                                          "sizes (comma-separated, or 'auto' for a few up to the records' budget)."),
+    init: str = typer.Option("random", help="random, or threshold: start from the threshold rule tuned on the "
+                             "records (behaviour cloning), which keeps training off the one-depth trap."),
     eval_fraction: opt.EvalFraction = 0.2,
     track: bool = typer.Option(True, help="Log params, per-epoch metrics and the controller to MLflow "
                                           "(experiment radar-train)."),
@@ -102,8 +111,9 @@ def train(
     with user_errors():
         job = TrainJob(data=str(data), out=str(out), eval_fraction=eval_fraction, track=track,
                        train=TrainConfig(alpha=alpha, gamma=gamma, lr=lr, epochs=epochs, batch_size=batch_size,
-                                         variant=variant, seed=seed, cost=CostModel.resolve(costs)),
-                       controller=ControllerConfig(hidden_size=hidden_size, dropout=dropout))
+                                         variant=variant, seed=seed, cost=CostModel.resolve(costs), init=init),
+                       controller=ControllerConfig(hidden_size=hidden_size, dropout=dropout),
+                       budgets=budgets)
         outcome = train_controller(job)
     Console().print(f"controller trained on {outcome.n_train} records -> {out}")
     if track:
@@ -117,21 +127,60 @@ def simulate(
     train_data: Optional[Path] = typer.Option(None, help="Records to tune the confidence threshold on."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Save the speedup/depth plot (PNG) here."),
     out: Optional[Path] = typer.Option(None, help="Write the table as JSON here."),
+    budgets: Optional[str] = typer.Option(None, help="Also price every (depth, budget) pair, the threshold rule "
+                                          "with a tuned budget and the joint oracle: comma-separated tree sizes, or "
+                                          "'auto' (needs records of schema 2)."),
+    all_pairs: bool = typer.Option(False, help="Show every fixed (depth, budget) pair, not the best per depth."),
 ) -> None:
     """Expected speedup of fixed depths, the threshold rule, a controller and the oracles, offline."""
     from radar.controller.dataset import read_records
     from radar.controller.mdp import CostModel
     from radar.controller.policy import load_controller
-    from radar.controller.simulate import plot, simulate as run_simulation
+    from radar.controller.plots import plot
+    from radar.controller.simulate import simulate as run_simulation
+
+    from radar.controller.budgets import parse_budgets
 
     with user_errors():
+        records = read_records(data)
         result = run_simulation(
-            read_records(data), CostModel.resolve(costs),
+            records, CostModel.resolve(costs),
             controller=load_controller(controller) if controller else None,
             train_records=read_records(train_data) if train_data else None,
+            budgets=parse_budgets(budgets, records.budget),
         )
-    Console().print(result.table())
+    Console().print(result.table(all_pairs))
     if plot_path:
         plot(result, plot_path)
     if out:
         write_atomic(out, json.dumps(result.to_dict(), indent=1) + "\n")
+
+
+def calibrate(
+    data: Path = typer.Option(..., help="Records collected from the prompts below (radar collect)."),
+    costs: str = typer.Option("measure", help="A cost file (radar profile), a preset, or 'measure' to profile the "
+                              "pair right before the live run (a machine whose speed drifts prices both alike)."),
+    prompts: opt.Prompts = "gsm8k",
+    limit: Optional[int] = typer.Option(10, help="Use the first N prompts (those in the records)."),
+    methods: str = typer.Option("tree:2,tree:4,radar", help="Comma-separated methods: tree:D, tree:D@B, "
+                                "threshold:P, threshold:P@B or radar."),
+    controller: opt.Controller = None,
+    model: opt.Model = None,
+    draft: opt.Draft = None,
+    max_new_tokens: int = typer.Option(128),
+    device: opt.Device = "auto",
+    dtype: opt.Dtype = "auto",
+    out: Optional[Path] = typer.Option(None, help="Write the calibration as JSON here."),
+) -> None:
+    """Compare the simulator's predicted tokens/s of each method with a live run on the same prompts."""
+    from radar.ops.bench import BenchConfig
+    from radar.ops.calibrate import CalibrateConfig, calibrate as run_calibrate, table
+
+    with user_errors():
+        model, draft = resolve_models(model, draft)
+        bench = BenchConfig(prompts=prompts, limit=limit, methods=methods.split(","), max_new_tokens=max_new_tokens,
+                            controller=opt.path_or_none(controller), model=str(model), draft=opt.path_or_none(draft),
+                            device=device, dtype=dtype)
+        result = run_calibrate(CalibrateConfig(records=str(data), costs=str(costs), bench=bench,
+                                               out=opt.path_or_none(out)))
+    Console().print(table(result))

@@ -112,13 +112,14 @@ def bench(
     top_p: float = typer.Option(1.0),
     methods: str = typer.Option("ar,hf,hf-pld,chain:3,tree:3,radar",
                                 help="Comma-separated: ar, hf, hf-pld, hf-assisted (a small-LM draft only), radar, "
-                                     "chain:D, tree:D, threshold:P."),
+                                     "chain:D, tree:D, threshold:P, tree:D@B, threshold:P@B (B tree tokens)."),
     controller: opt.Controller = None,
     repeats: int = typer.Option(1, help="Timed repeats per method; the median is kept."),
     seed: int = typer.Option(0),
     model: opt.Model = None,
     draft: opt.Draft = None,
     tree_tokens: opt.TreeTokens = None,
+    max_calls: opt.MaxCalls = None,
     device: opt.Device = "auto",
     dtype: opt.Dtype = "auto",
     out: Optional[Path] = typer.Option(None, help="Write the results as JSON here."),
@@ -135,7 +136,7 @@ def bench(
             prompts=prompts, limit=limit, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             methods=[m.strip() for m in methods.split(",") if m.strip()], repeats=repeats, seed=seed,
             model=opt.path_or_none(model), draft=opt.path_or_none(draft), device=device, dtype=dtype,
-            tree_tokens=tree_tokens, controller=controller,
+            tree_tokens=tree_tokens, max_calls=max_calls, controller=controller,
         )
         note_default_pair(model, draft)
         note_bundled_controller(model, controller, cfg.methods)

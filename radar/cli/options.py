@@ -21,6 +21,8 @@ Controller = Annotated[Optional[str], typer.Option(
          "models:/radar-controller@champion. Default: the controllers bundled for the default pair.")]
 TreeTokens = Annotated[Optional[int], typer.Option(
     help="Tree nodes verified per cycle (default 60 on GPU, 12 on CPU, 3 on CPU in gguf precision).")]
+MaxCalls = Annotated[Optional[int], typer.Option(
+    help="Draft calls per cycle at most for radar and threshold:P (default 8; 3 on CPU in gguf precision).")]
 Prompts = Annotated[str, typer.Option(help="A jsonl file, or a bundled set: mt_bench, gsm8k, alpaca, mbpp; join sets with +.")]
 Costs = Annotated[str, typer.Option(help="Cost file from radar profile, or a preset name.")]
 Temperature = Annotated[float, typer.Option(help="0 for greedy.")]

@@ -58,7 +58,8 @@ def log_metrics(metrics: dict, step: int | None = None) -> None:
 
     numeric = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if numeric:
-        mlflow.log_metrics({k.replace(":", "_"): v for k, v in numeric.items()}, step=step)
+        # MLflow names allow alphanumerics, _ - . space : /; method names carry ":" and "@" (tree:3@6 -> tree_3_6)
+        mlflow.log_metrics({re.sub(r"[^\w\-. /]", "_", k): v for k, v in numeric.items()}, step=step)
 
 
 def log_json(obj: dict, name: str) -> None:

@@ -9,6 +9,8 @@ Per cycle, with the committed prefix x:
      are the ones it gets in its own tree's verification), and `acceptance_distribution` gives every d_i exactly
      from `target_probs` at the collection temperature (one-hot argmax rows at temperature 0), zero-padded to
      t_max + 1 lengths.
+     The union's nodes (parent, depth, score, the target's probability of the node's token) are kept too, so any
+     tree of up to `total_tokens` nodes after any number of calls can be priced later (`radar.controller.budgets`).
   3. S: row i - 1 is the frontier after call i (the top-k pool nodes of depth i by cumulative log-prob), through
      `frontier_state`, the controller's own input builder.
   4. The cycle is committed like the engine at depth t_max: `walk` over T_tmax (lossless: greedy, or a draw from the
@@ -107,9 +109,10 @@ def cycle_trees(
 def cycle_distributions(
     union: DraftTree, trees: list[DraftTree], nodes: list[torch.Tensor], logits: torch.Tensor, sampling: Sampling,
     t_max: int,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """D (t_max, t_max + 1): d_i of every tree from the union's verification logits (1 + len(union), V);
-    `nodes[i]` are tree i's nodes as union indices.
+    `nodes[i]` are tree i's nodes as union indices. Also the union's node table (len(union), 4): parent, depth,
+    score and the target's probability of each node's token (the record's `nodes`).
 
     `acceptance_distribution` only reads the target's probability of each drafted token, so it runs on the CPU on
     the columns of the tokens the union drafted (tree tokens renumbered to those columns): exact, and it moves
@@ -128,7 +131,10 @@ def cycle_distributions(
                           ancestors=tree.ancestors.cpu())
         d = acceptance_distribution(compact, small[torch.cat((torch.zeros(1, dtype=torch.long), 1 + idx))]).numpy()
         dists[i, : d.shape[0]] = d
-    return dists
+    parents = union.parents.cpu()
+    p_accept = small[parents + 1, local]
+    table = torch.stack((parents.float(), union.depths.cpu().float(), union.scores.cpu().float(), p_accept.float()), 1)
+    return dists, table.numpy()
 
 
 @torch.inference_mode()
@@ -171,9 +177,10 @@ def collect_prompt(
         trees, union, nodes = cycle_trees(pool, t_max, total_tokens)
         logits, base = spec.verify(union, root_pos)
         states = torch.stack([frontier_state(pool.scores[pool.depths == i], k) for i in range(1, t_max + 1)])
-        dists = cycle_distributions(union, trees, nodes, logits, sampling, t_max)
+        dists, table = cycle_distributions(union, trees, nodes, logits, sampling, t_max)
         record = Record(states.cpu().numpy(), dists, prompt_id=str(prompt.id), position=root_pos, target=target_name,
-                        draft=draft_name, temperature=float(temperature), schema_version=SCHEMA_VERSION)
+                        draft=draft_name, temperature=float(temperature), schema_version=SCHEMA_VERSION,
+                        nodes=table, budget=total_tokens)
         records.append(record)
         if on_record is not None:
             on_record(record)

@@ -8,8 +8,17 @@ A record x = {S, D} plus metadata:
             for analysis.
     dists   D (t_max, t_max + 1) float32: row i - 1 is d_i, the law of the number of accepted draft tokens
             (bonus excluded) over 0..t_max when the tree is built with i draft calls; d_i(l) = 0 for l > i.
+    nodes   (n, 4) float32, schema 2: the cycle's pool as far as any tree of up to `budget` tokens reaches (the
+            union of T_1..T_tmax, parents before children), one row per node: parent (row index, -1 for the root),
+            depth, cumulative draft log-prob, and the target's probability of the node's token given its parent
+            (its acceptance probability; 0/1 at temperature 0). That is all the acceptance law of any (calls,
+            budget <= `budget`) tree needs: `radar.controller.budgets`.
     prompt_id, position (index of the prefix's last committed token), target, draft (model names),
-    temperature, schema_version.
+    temperature, budget (the tree tokens the records were collected with; 0 when unknown, schema 1),
+    schema_version.
+
+Schema 1 shards (no nodes, no budget column) stay readable: depth-only training and simulation work on them, and
+anything that needs another budget says they must be re-collected.
 
 Storage: Parquet files (`*.parquet`, one per shard) with list columns `states` (list<list<float>>) and `dists`,
 the scalar metadata columns, and the file-level key `radar.schema_version`. `read_records` takes one file or a
@@ -30,8 +39,10 @@ import torch
 
 from radar.common.files import write_atomic_with
 
-SCHEMA_VERSION = 1
-META_COLUMNS = ("prompt_id", "position", "target", "draft", "temperature", "schema_version")
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+META_COLUMNS = ("prompt_id", "position", "target", "draft", "temperature", "budget", "schema_version")
+NODE_FIELDS = ("parent", "depth", "score", "p_accept")
 SCHEMA_KEY = b"radar.schema_version"
 DIST_TOLERANCE = 1e-3
 
@@ -48,26 +59,44 @@ class Record:
     draft: str
     temperature: float
     schema_version: int = SCHEMA_VERSION
+    nodes: np.ndarray | None = None  # (n, 4), see NODE_FIELDS
+    budget: int = 0
 
 
 @dataclass
 class RecordSet:
-    """A batch of records: states (N, t_max, k), dists (N, t_max, t_max + 1), meta (N rows of META_COLUMNS)."""
+    """A batch of records: states (N, t_max, k), dists (N, t_max, t_max + 1), meta (N rows of META_COLUMNS) and,
+    from schema 2, nodes (N, n_max, 4) padded with rows of depth 0."""
 
     states: torch.Tensor
     dists: torch.Tensor
     meta: pd.DataFrame
+    nodes: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.states = torch.as_tensor(self.states, dtype=torch.float32)
         self.dists = torch.as_tensor(self.dists, dtype=torch.float32)
-        missing = [c for c in META_COLUMNS if c not in self.meta.columns]
+        meta = self.meta if "budget" in self.meta.columns else self.meta.assign(budget=0)
+        missing = [c for c in META_COLUMNS if c not in meta.columns]
         if missing:
             raise ValueError(f"record metadata lacks columns {missing}")
-        self.meta = self.meta[list(META_COLUMNS)].reset_index(drop=True).astype(
+        self.meta = meta[list(META_COLUMNS)].reset_index(drop=True).astype(
             {"prompt_id": str, "position": "int64", "target": str, "draft": str, "temperature": "float64",
-             "schema_version": "int64"})
+             "budget": "int64", "schema_version": "int64"})
         validate(self.states, self.dists, len(self.meta))
+        if self.nodes is not None:
+            self.nodes = torch.as_tensor(self.nodes, dtype=torch.float32)
+            if self.nodes.dim() != 3 or self.nodes.shape[0] != len(self) or self.nodes.shape[2] != len(NODE_FIELDS):
+                raise ValueError(f"nodes must be (N, n, {len(NODE_FIELDS)}) for {len(self)} records, got "
+                                 f"{tuple(self.nodes.shape)}")
+
+    @property
+    def budget(self) -> int:
+        """The tree tokens every record was collected with (0 when unknown); mixed budgets are an error."""
+        budgets = set(self.meta["budget"].tolist())
+        if len(budgets) > 1:
+            raise ValueError(f"records collected with different tree budgets {sorted(budgets)}; use one budget")
+        return int(budgets.pop()) if budgets else 0
 
     def __len__(self) -> int:
         return self.states.shape[0]
@@ -93,7 +122,8 @@ class RecordSet:
             if rows.dtype == bool:
                 rows = np.flatnonzero(rows)
         t = torch.as_tensor(rows, dtype=torch.long)
-        return RecordSet(self.states[t], self.dists[t], self.meta.iloc[rows])
+        return RecordSet(self.states[t], self.dists[t], self.meta.iloc[rows],
+                         None if self.nodes is None else self.nodes[t])
 
     @classmethod
     def from_records(cls, records: Sequence[Record]) -> "RecordSet":
@@ -103,13 +133,19 @@ class RecordSet:
         states = torch.as_tensor(np.stack([np.asarray(r.states, dtype=np.float32) for r in records]))
         dists = torch.as_tensor(np.stack([np.asarray(r.dists, dtype=np.float32) for r in records]))
         meta = pd.DataFrame([{c: getattr(r, c) for c in META_COLUMNS} for r in records], columns=list(META_COLUMNS))
-        return cls(states, dists, meta)
+        has = {r.nodes is not None for r in records}
+        if has == {True, False}:
+            raise ValueError("some records carry their pool's nodes and some do not")
+        nodes = pad_nodes([torch.as_tensor(np.array(r.nodes, dtype=np.float32)) for r in records]) \
+            if has == {True} else None
+        return cls(states, dists, meta, nodes)
 
     def to_records(self) -> list[Record]:
-        """One `Record` per row."""
+        """One `Record` per row (nodes without their padding)."""
         rows = self.meta.to_dict("records")
         return [
-            Record(states=self.states[i].numpy(), dists=self.dists[i].numpy(), **{c: rows[i][c] for c in META_COLUMNS})
+            Record(states=self.states[i].numpy(), dists=self.dists[i].numpy(), **{c: rows[i][c] for c in META_COLUMNS},
+                   nodes=None if self.nodes is None else self.nodes[i][self.nodes[i, :, 1] > 0].numpy())
             for i in range(len(self))
         ]
 
@@ -121,11 +157,22 @@ class RecordSet:
         shapes = {tuple(p.states.shape[1:]) for p in parts}
         if len(shapes) > 1:
             raise ValueError(f"record sets disagree on (t_max, k): {sorted(shapes)}")
+        with_nodes = {p.nodes is not None for p in parts}
+        if with_nodes == {True, False}:
+            raise ValueError("cannot mix schema 1 records (no pool nodes) with schema 2 ones; re-collect the old ones")
         return RecordSet(
             torch.cat([p.states for p in parts]),
             torch.cat([p.dists for p in parts]),
             pd.concat([p.meta for p in parts], ignore_index=True),
+            pad_nodes([p.nodes for p in parts], batched=True) if with_nodes == {True} else None,
         )
+
+
+def pad_nodes(parts: Sequence[torch.Tensor], batched: bool = False) -> torch.Tensor:
+    """Stack (n_i, 4) node tables (or (N_i, n_i, 4) batches) into one batch padded with rows of depth 0."""
+    parts = [p if batched else p[None] for p in parts]
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, 0, 0, width - p.shape[1])) for p in parts])
 
 
 def validate(states: torch.Tensor, dists: torch.Tensor, n_meta: int | None = None) -> None:
@@ -169,6 +216,39 @@ def _nested(x: torch.Tensor):
     return pa.ListArray.from_arrays(pa.array(np.arange(0, n * a + 1, a, dtype=np.int32)), inner)
 
 
+def _ragged(nodes: torch.Tensor):
+    """(N, n_max, 4) padded node tables -> a list<list<float>> array holding each record's real rows only."""
+    import pyarrow as pa
+
+    real = nodes[:, :, 1] > 0  # padding rows have depth 0
+    lengths = real.sum(1).numpy()
+    values = pa.array(nodes[real].reshape(-1).numpy(), type=pa.float32())
+    width = nodes.shape[2]
+    inner = pa.ListArray.from_arrays(pa.array(np.arange(0, int(lengths.sum()) * width + 1, width, dtype=np.int32)),
+                                     values)
+    return pa.ListArray.from_arrays(pa.array(np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)), inner)
+
+
+def _unragged(col, source: str) -> torch.Tensor:
+    """The `nodes` column back to an (N, n_max, 4) batch padded with depth-0 rows."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = np.array(arr.flatten().flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    width = len(NODE_FIELDS)
+    if values.size != lengths.sum() * width:
+        raise ValueError(f"{source}: column 'nodes' rows must have {width} fields each")
+    flat = torch.from_numpy(values).view(-1, width)
+    out = torch.zeros(len(lengths), int(lengths.max(initial=0)), width)
+    rows = torch.repeat_interleave(torch.arange(len(lengths)), torch.from_numpy(lengths))
+    cols = torch.arange(len(flat)) - torch.repeat_interleave(torch.from_numpy(np.cumsum(lengths) - lengths),
+                                                             torch.from_numpy(lengths))
+    out[rows, cols] = flat
+    return out
+
+
 def _unnested(col, shape_tail: tuple[int, int] | None, name: str, source: str) -> np.ndarray:
     """A list<list<float>> column (ChunkedArray) -> (N, a, b) float32, checking every row has the same shape."""
     import pyarrow as pa
@@ -201,8 +281,10 @@ def write_records(records: RecordSet | Sequence[Record], path: str | Path) -> Pa
     if len(rs) == 0:
         raise ValueError("refusing to write an empty shard")
     versions = set(rs.meta["schema_version"].astype(int))
-    if versions != {SCHEMA_VERSION}:
-        raise ValueError(f"records carry schema versions {sorted(versions)}, this radar writes {SCHEMA_VERSION}")
+    if versions != {SCHEMA_VERSION} or rs.nodes is None:
+        raise ValueError(f"records carry schema versions {sorted(versions)}"
+                         f"{'' if rs.nodes is not None else ' without pool nodes'}, this radar writes "
+                         f"{SCHEMA_VERSION} (with nodes)")
     p = Path(path)
     if p.suffix != ".parquet":
         p.mkdir(parents=True, exist_ok=True)
@@ -218,6 +300,8 @@ def write_records(records: RecordSet | Sequence[Record], path: str | Path) -> Pa
         "target": pa.array(meta["target"].astype(str).tolist(), type=pa.string()),
         "draft": pa.array(meta["draft"].astype(str).tolist(), type=pa.string()),
         "temperature": pa.array(meta["temperature"].astype("float64").to_numpy(), type=pa.float64()),
+        "budget": pa.array(meta["budget"].astype("int64").to_numpy(), type=pa.int64()),
+        "nodes": _ragged(rs.nodes),
         "schema_version": pa.array(meta["schema_version"].astype("int32").to_numpy(), type=pa.int32()),
     })
     table = table.replace_schema_metadata({SCHEMA_KEY: str(SCHEMA_VERSION).encode(),
@@ -246,31 +330,37 @@ def read_records(path: str | Path) -> RecordSet:
     for f in files:
         table = pq.read_table(f)
         file_version = (table.schema.metadata or {}).get(SCHEMA_KEY)
-        if file_version is not None and int(file_version) != SCHEMA_VERSION:
+        if file_version is not None and int(file_version) not in READABLE_VERSIONS:
             raise ValueError(_version_error(f, int(file_version)))
-        missing = [c for c in ("states", "dists", *META_COLUMNS) if c not in table.column_names]
+        if file_version is None:  # written without the key: the columns tell
+            v1 = "nodes" not in table.column_names
+        else:
+            v1 = int(file_version) == 1
+        needed = [c for c in META_COLUMNS if not (v1 and c == "budget")] + ([] if v1 else ["nodes"])
+        missing = [c for c in ("states", "dists", *needed) if c not in table.column_names]
         if missing:
             raise ValueError(f"{f} is not a RADAR record shard: missing columns {missing}")
         if table.num_rows == 0:
             continue
         versions = set(table.column("schema_version").to_pylist())
-        if versions != {SCHEMA_VERSION}:
+        if versions != {1 if v1 else SCHEMA_VERSION}:
             raise ValueError(_version_error(f, sorted(versions)))
         states = _unnested(table.column("states"), None if shape is None else shape, "states", str(f))
         t_max = states.shape[1]
         dists = _unnested(table.column("dists"), (t_max, t_max + 1), "dists", str(f))
         if shape is None:
             shape = states.shape[1:]
-        meta = table.select(list(META_COLUMNS)).to_pandas()
-        parts.append(RecordSet(torch.from_numpy(states), torch.from_numpy(dists), meta))
+        meta = table.select([c for c in META_COLUMNS if c in table.column_names]).to_pandas()
+        nodes = None if v1 else _unragged(table.column("nodes"), str(f))
+        parts.append(RecordSet(torch.from_numpy(states), torch.from_numpy(dists), meta, nodes))
     if not parts:
         raise ValueError(f"no records in {path} ({len(files)} Parquet file(s)); collect some first (radar collect)")
     return RecordSet.concat(parts)
 
 
 def _version_error(f: Path, found) -> str:
-    return (f"{f} has record schema version {found}, this radar reads version {SCHEMA_VERSION}; "
-            "re-collect the dataset with this version (radar collect)")
+    return (f"{f} has record schema version {found}, this radar reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; re-collect the dataset with this version (radar collect)")
 
 
 def to_dataframe(records: RecordSet) -> pd.DataFrame:
@@ -317,56 +407,8 @@ def train_test_split(
     return train, test
 
 
-# ---- synthetic data (tests, demos) ----------------------------------------------------------------------
-
-
-def synthetic_records(
-    n: int,
-    t_max: int = 8,
-    k: int = 10,
-    seed: int = 0,
-    easy_fraction: float = 0.5,
-    easy: tuple[float, float] = (0.85, 0.97),
-    hard: tuple[float, float] = (0.05, 0.3),
-    step_noise: float = 0.03,
-    prefixes_per_prompt: int = 8,
-) -> RecordSet:
-    """Records from a calibrated toy drafter whose best depth depends on the state.
-
-    Each record draws a per-prefix acceptance rate a (from `easy` with probability `easy_fraction`, else from
-    `hard`) and per-step rates a_t = clip(a + noise). The best path's t-th token is accepted with probability a_t,
-    so with reach_j = prod_{t <= j} a_t: d_i(j) = reach_j * (1 - a_{j+1}) for j < i and d_i(i) = reach_i (a chain,
-    exactly what `acceptance_distribution` gives for a one-path tree). The drafter is calibrated: the frontier's best
-    cumulative log-prob after t calls is sum_{t' <= t} log a_t'; the other k - 1 frontier scores lie below it by
-    random gaps. Easy prefixes want deep trees and hard ones want one call, and s_1 already tells them apart.
-    """
-    if n < 1 or t_max < 1 or k < 1:
-        raise ValueError("n, t_max and k must be >= 1")
-    rng = np.random.default_rng(seed)
-    easy_mask = rng.random(n) < easy_fraction
-    a = np.where(easy_mask, rng.uniform(*easy, n), rng.uniform(*hard, n))
-    a_t = np.clip(a[:, None] + step_noise * rng.standard_normal((n, t_max + 1)), 1e-3, 1 - 1e-3)
-    log_reach = np.cumsum(np.log(a_t[:, :t_max]), axis=1)  # (n, t_max): log P(first t tokens accepted)
-    gaps = np.cumsum(rng.exponential(0.7, (n, t_max, k)), axis=2)
-    gaps[:, :, 0] = 0.0
-    states = (log_reach[:, :, None] - gaps).astype(np.float32)
-    states = np.maximum(states, -100.0)
-
-    reach = np.concatenate([np.ones((n, 1)), np.exp(log_reach)], axis=1)  # reach_0..reach_tmax
-    stop_here = reach[:, :t_max] * (1 - a_t[:, :t_max])  # P(l = j) for j < i, j = 0..t_max-1
-    dists = np.zeros((n, t_max, t_max + 1))
-    for i in range(1, t_max + 1):
-        dists[:, i - 1, :i] = stop_here[:, :i]
-        dists[:, i - 1, i] = reach[:, i]
-    meta = pd.DataFrame({
-        "prompt_id": [f"synthetic-{j // prefixes_per_prompt}" for j in range(n)],
-        "position": [j % prefixes_per_prompt for j in range(n)],
-        "target": "synthetic", "draft": "synthetic", "temperature": 1.0, "schema_version": SCHEMA_VERSION,
-    })
-    return RecordSet(torch.from_numpy(states), torch.from_numpy(dists.astype(np.float32)), meta)
-
-
 __all__ = [
-    "SCHEMA_VERSION", "Record", "RecordSet", "validate", "write_records", "read_records", "shard_files",
-    "to_dataframe", "split", "train_test_split", "synthetic_records",
+    "SCHEMA_VERSION", "READABLE_VERSIONS", "NODE_FIELDS", "Record", "RecordSet", "pad_nodes", "validate",
+    "write_records", "read_records", "shard_files",
+    "to_dataframe", "split", "train_test_split",
 ]

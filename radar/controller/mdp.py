@@ -6,7 +6,16 @@ Timing. `T` is the number of draft calls in a cycle, 1 <= T <= t_max. Paper Eq. 
     T_gen(t) = T_0 + T_f * t + T_eye * t          if t = t_max
 
 T_0 is the per-cycle fixed cost (target verification pass, rerank, bookkeeping), T_f one draft forward, T_eye one
-controller query. Note on counting: in this repo's engine the controller is queried before every call after the
+controller query.
+
+Beyond Eq. 6 (both measured by `radar profile`, both absent from the paper's preset so it prices as printed):
+  - the verification curve `verify_time(n)`: a target forward over the root plus n tree tokens, measured at a few
+    n and interpolated. On a GPU far from compute-bound it is flat (= T_0); on a CPU, or a GPU serving a batch, it
+    is not (a 12-token tree costs about 2x a 1-token one on the CPU default pair), so a policy that also chooses
+    the verification budget, and any comparison of budgets, is priced with it: T_gen(t, n) = verify_time(n) +
+    T_c + T_f * t + T_eye * (decisions).
+  - T_c, the per-cycle bookkeeping outside the forwards (rerank, acceptance walk, cache compaction), which a
+    flat T_0 left out and the live runs pay. Note on counting: in this repo's engine the controller is queried before every call after the
 first, so a cycle with t < t_max calls makes t queries and one with t_max calls makes t_max - 1; Eq. 6 charges one
 query more in both cases. That is a constant T_eye, i.e. the same as a T_0 larger by T_eye, so it never changes
 which depth is best; we keep Eq. 6 as written so constants compare with the paper. (The reference code counts
@@ -53,6 +62,12 @@ class CostModel:
     T_eye: float
     t_max: int = 8
     ar_step: float | None = None  # seconds per token of plain autoregressive decoding, when measured
+    # The verification curve: seconds of one target forward over the root plus n tree tokens, measured at
+    # n = verify_tokens[j]. Empty: every tree costs T_0 (the paper's model, right on a GPU far from compute-bound).
+    verify_tokens: list[int] = field(default_factory=list)
+    verify_s: list[float] = field(default_factory=list)
+    T_c: float = 0.0  # per-cycle bookkeeping outside the forwards (rerank, acceptance walk, cache compaction)
+    budget: int | None = None  # the tree tokens T_0 was measured with: depth-only policies verify this many
     meta: dict = field(default_factory=dict)  # free-form provenance (device, models, how it was measured)
 
     def __post_init__(self) -> None:
@@ -62,21 +77,61 @@ class CostModel:
             raise ValueError(f"cost constants must be >= 0 and T_0 + T_f > 0, got {self}")
         if self.ar_step is not None and self.ar_step <= 0:
             raise ValueError(f"ar_step must be > 0 seconds, got {self.ar_step}")
+        if self.T_c < 0 or (self.budget is not None and self.budget < 1):
+            raise ValueError(f"T_c must be >= 0 and budget >= 1, got T_c={self.T_c}, budget={self.budget}")
+        self.verify_tokens = [int(n) for n in self.verify_tokens]
+        self.verify_s = [float(v) for v in self.verify_s]
+        if len(self.verify_tokens) != len(self.verify_s) or any(
+                b <= a for a, b in zip(self.verify_tokens, self.verify_tokens[1:])) or min(
+                self.verify_tokens + [1]) < 1 or min(self.verify_s + [1.0]) <= 0:
+            raise ValueError("the verification curve needs increasing token counts >= 1 and as many times > 0, got "
+                             f"{self.verify_tokens} and {self.verify_s}")
 
     # ---- timing ----------------------------------------------------------------------------------------
 
-    def t_gen(self, t: int, controller: bool = True) -> float:
-        """Eq. 6 for t draft calls; `controller=False` drops the T_eye term (fixed-depth and threshold rules do
-        not run the LSTM)."""
+    def verify_time(self, tokens):
+        """Seconds of one verification over the root plus `tokens` tree tokens (an int or a tensor): the measured
+        curve, piecewise linear, held flat below its first point and extended along its last segment above its
+        last; T_0 whatever the size when no curve was measured."""
+        if not self.verify_tokens:
+            return torch.full_like(tokens, self.T_0, dtype=torch.float64) if isinstance(tokens, torch.Tensor) \
+                else self.T_0
+        xs = torch.tensor(self.verify_tokens, dtype=torch.float64)
+        ys = torch.tensor(self.verify_s, dtype=torch.float64)
+        n = torch.as_tensor(tokens, dtype=torch.float64).clamp(min=float(xs[0]))
+        if len(xs) == 1:
+            out = ys[0].expand_as(n).clone()
+        else:
+            j = (torch.searchsorted(xs, n, right=True) - 1).clamp(0, len(xs) - 2)
+            out = ys[j] + (ys[j + 1] - ys[j]) * (n - xs[j]) / (xs[j + 1] - xs[j])
+        return out if isinstance(tokens, torch.Tensor) else float(out)
+
+    def eye_time(self, t, controller: bool = True):
+        """Controller queries of a cycle with t draft calls (Eq. 6's T_eye term); 0 for rules without an LSTM."""
+        if not controller:
+            return t * 0.0
+        if isinstance(t, torch.Tensor):
+            return torch.where(t < self.t_max, t + 1, t).double() * self.T_eye
+        return (t + 1 if t < self.t_max else t) * self.T_eye
+
+    def t_gen(self, t: int, controller: bool = True, tokens: int | None = None) -> float:
+        """Eq. 6 for t draft calls, plus the cycle's bookkeeping T_c; `controller=False` drops the T_eye term
+        (fixed-depth and threshold rules do not run the LSTM). With `tokens`, the verification of that many tree
+        tokens replaces T_0 (see `verify_time`)."""
         t = int(t)
         if not 1 <= t <= self.t_max:
             raise ValueError(f"t must be in 1..{self.t_max} draft calls, got {t}")
-        eye = (t + 1 if t < self.t_max else t) * self.T_eye if controller else 0.0
-        return self.T_0 + self.T_f * t + eye
+        verify = self.T_0 if tokens is None else self.verify_time(int(tokens))
+        return verify + self.T_c + self.T_f * t + self.eye_time(t, controller)
 
     def t_gen_table(self, controller: bool = True, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """T_gen(t) for t = 1..t_max as a (t_max,) tensor (index t - 1)."""
         return torch.tensor([self.t_gen(t, controller) for t in range(1, self.t_max + 1)], dtype=dtype)
+
+    def cycle_times(self, calls: torch.Tensor, tokens: torch.Tensor, controller: bool = True) -> torch.Tensor:
+        """Seconds of cycles with `calls` draft calls verifying `tokens` tree tokens (same-shape tensors, float64):
+        what every policy is priced with when records or a live run know each tree's size."""
+        return self.verify_time(tokens) + self.T_c + self.T_f * calls.double() + self.eye_time(calls, controller)
 
     @property
     def ar_time(self) -> float:
@@ -103,7 +158,8 @@ class CostModel:
         if missing or unknown:
             raise ValueError(
                 f"{source}: missing keys {missing}, unknown keys {unknown}; a cost file holds "
-                '{"T_0": s, "T_f": s, "T_eye": s, "t_max": 8, "ar_step": s or null, "meta": {...}}'
+                '{"T_0": s, "T_f": s, "T_eye": s, "t_max": 8, "ar_step": s or null, "verify_tokens": [n, ...], '
+                '"verify_s": [s, ...], "T_c": s, "budget": n or null, "meta": {...}}'
             )
         return cls(**d)
 

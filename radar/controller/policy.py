@@ -7,6 +7,10 @@ network the paper calls the prediction model and the code calls Hawkeye):
     LSTM(k -> 128, one layer, batch_first)                         -> h_t
     MLP(concat(h_t, s_t): 138 -> 128, ReLU, Dropout, 128 -> 2)     -> logits, index 0 = stop, 1 = continue
 
+Optional budget head (ours, `ControllerConfig.budgets`): Linear(concat(h_t, s_t) -> len(budgets)), read once per
+cycle when drafting ends, after the stop decision (or after one more LSTM step on the last frontier when drafting
+ran to t_max): it picks how many tree tokens the target verifies. Without budgets the network is the reference's.
+
 The head sees the LSTM output *and* the raw state. The reference concatenates in the order (h_t, s_t); we keep
 that order so a reference state dict loads with identical outputs (the key names and shapes alone could not tell
 the two orders apart). State-dict keys are exactly `lstm.weight_ih_l0`, `lstm.weight_hh_l0`, `lstm.bias_ih_l0`,
@@ -21,9 +25,10 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,10 +51,14 @@ class ControllerConfig:
     mlp_hidden: int = 128
     dropout: float = 0.1  # in the head (and between LSTM layers when num_layers > 1)
     num_layers: int = 1
+    budgets: list[int] = field(default_factory=list)  # verification budgets the budget head picks among; [] = none
 
     def __post_init__(self) -> None:
         if min(self.input_size, self.hidden_size, self.mlp_hidden, self.num_layers) < 1:
             raise ValueError("input_size, hidden_size, mlp_hidden and num_layers must all be >= 1")
+        self.budgets = [int(b) for b in self.budgets]
+        if any(b < 1 for b in self.budgets) or self.budgets != sorted(set(self.budgets)):
+            raise ValueError(f"budgets must be increasing tree sizes >= 1, got {self.budgets}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -82,20 +91,35 @@ class LSTMController(nn.Module):
             nn.Dropout(config.dropout),
             nn.Linear(config.mlp_hidden, 2),
         )
+        if config.budgets:
+            self.budget_head = nn.Linear(config.hidden_size + config.input_size, len(config.budgets))
 
     @property
     def k(self) -> int:
         """Frontier scores per state."""
         return self.config.input_size
 
+    @property
+    def budgets(self) -> list[int]:
+        """The verification budgets the budget head chooses among ([] without one)."""
+        return self.config.budgets
+
+    def heads(
+        self, states: torch.Tensor, hc: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stop logits (B, T, 2) and budget logits (B, T, len(budgets)), or None without a budget head, for state
+        sequences (B, T, k); step t sees states 1..t only."""
+        if states.dim() != 3 or states.shape[-1] != self.k:
+            raise ValueError(f"states must be (B, T, {self.k}), got {tuple(states.shape)}")
+        out, _ = self.lstm(states, hc)
+        both = torch.cat((out, states), dim=-1)
+        return self.mlp(both), (self.budget_head(both) if self.budgets else None)
+
     def forward(
         self, states: torch.Tensor, hc: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
         """Logits (B, T, 2) for a batch of state sequences (B, T, k); decision t sees states 1..t only."""
-        if states.dim() != 3 or states.shape[-1] != self.k:
-            raise ValueError(f"states must be (B, T, {self.k}), got {tuple(states.shape)}")
-        out, _ = self.lstm(states, hc)
-        return self.mlp(torch.cat((out, states), dim=-1))
+        return self.heads(states, hc)[0]
 
     def step(
         self, state: torch.Tensor, hc: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -269,24 +293,57 @@ class ControllerPolicy:
             self.cpu = None
         self.hc = None
         self.decisions = self.continues = self.cycles = 0
+        self.last_calls = 0  # the calls of the newest decision, so the budget head knows whether it saw the frontier
+        self.budget_sum = 0
+        if controller.budgets:
+            head = controller.budget_head
+            self.budget_w = head.weight.detach().float().cpu().numpy()
+            self.budget_b = head.bias.detach().float().cpu().numpy()
 
     def reset(self) -> None:
         """Start a cycle: fresh LSTM state."""
         self.hc = None
+        self.last_calls = 0
         self.cycles += 1
 
     def decide(self, calls: int, frontier_scores: torch.Tensor) -> bool:
         """One LSTM step on the frontier's scores: True to make one more draft call."""
-        # Every line here is paid before every draft call (T_eye), so the CPU path avoids torch calls altogether.
-        if self.cpu is not None and frontier_scores.is_cpu:
-            scores = frontier_scores.detach() if frontier_scores.requires_grad else frontier_scores
-            margin = self.cpu.decide(scores.numpy(), calls <= 1)
-        else:
-            margin = self._torch_margin(calls, frontier_scores)
+        margin = self._margin(calls, frontier_scores)
         cont = margin > 0 if self.greedy else self.rng.random() < _sigmoid(margin)
         self.decisions += 1
         self.continues += cont
         return cont
+
+    def choose_budget(self, calls: int, frontier_scores: torch.Tensor) -> int | None:
+        """The budget head's tree size for this cycle (None without a head), read once drafting has ended: on the
+        state of the stop decision, or after one more LSTM step on the last frontier when drafting ran to t_max."""
+        if not self.controller.budgets:
+            return None
+        if calls != self.last_calls:
+            self._margin(calls, frontier_scores)
+        if self.hc is None:  # the CPU path keeps its LSTM state in the compiled step
+            h = self.cpu.h[-1]
+        else:
+            h = self.hc[0][-1, 0].float().cpu().numpy()
+        x = frontier_state(frontier_scores.detach().cpu(), self.controller.k).numpy()
+        logits = self.budget_w @ np.concatenate((h, x)) + self.budget_b
+        if self.greedy:
+            pick = int(logits.argmax())
+        else:
+            p = np.exp(logits - logits.max())
+            pick = min(int(np.searchsorted(np.cumsum(p / p.sum()), self.rng.random())), len(p) - 1)
+        budget = self.controller.budgets[pick]
+        self.budget_sum += budget
+        return budget
+
+    def _margin(self, calls: int, frontier_scores: torch.Tensor) -> float:
+        """Continue-minus-stop logit of one LSTM step."""
+        self.last_calls = calls
+        # Every line here is paid before every draft call (T_eye), so the CPU path avoids torch calls altogether.
+        if self.cpu is not None and frontier_scores.is_cpu:
+            scores = frontier_scores.detach() if frontier_scores.requires_grad else frontier_scores
+            return self.cpu.decide(scores.numpy(), calls <= 1)
+        return self._torch_margin(calls, frontier_scores)
 
     @torch.inference_mode()
     def _torch_margin(self, calls: int, frontier_scores: torch.Tensor) -> float:
@@ -300,5 +357,8 @@ class ControllerPolicy:
     @property
     def stats(self) -> dict[str, float]:
         """Decision counters and the continue rate."""
-        return {"decisions": self.decisions, "continues": self.continues, "cycles": self.cycles,
-                "continue_rate": self.continues / self.decisions if self.decisions else math.nan}
+        out = {"decisions": self.decisions, "continues": self.continues, "cycles": self.cycles,
+               "continue_rate": self.continues / self.decisions if self.decisions else math.nan}
+        if self.controller.budgets:
+            out["mean_budget"] = self.budget_sum / self.cycles if self.cycles else math.nan
+        return out

@@ -11,9 +11,13 @@
              one LSTM step).
     ar_step  one plain one-token target forward on the same prefix, plus picking the token.
 
+    verify_s the verification curve: the same forward over the root plus n tree tokens for n = 1, 2, ... up to
+             twice the budget (trees `select_tree` cuts from one full pool), since on a CPU its cost grows with n;
+             made non-decreasing (`monotone`; the medians as measured are kept in meta).
+    T_c      the per-cycle bookkeeping outside those forwards: rerank, acceptance walk, cache compaction.
+
 Each is the median of `repeats` timed runs after warm-up runs that are not counted; on a GPU every timing ends with
-`torch.cuda.synchronize`. Costs outside these (rerank, the acceptance walk, cache compaction) are measured too and
-kept in `meta["cycle_overhead_s"]`, not added to T_0.
+`torch.cuda.synchronize`.
 """
 
 from __future__ import annotations
@@ -202,6 +206,49 @@ def _overhead_times(
     return _timed(overhead, pair.target.device, repeats, warmup)
 
 
+def curve_points(largest: int) -> list[int]:
+    """Tree sizes the verification curve is measured at: every size up to 8, then about 1.5x apart, and `largest`."""
+    points, n = list(range(1, min(largest, 8) + 1)), 8
+    while n < largest:
+        n = max(n + 1, round(n * 1.5))
+        points.append(min(n, largest))
+    return points
+
+
+def _verify_curve(
+    bench: _Bench, pair: ModelPair, pool: DraftPool, total_tokens: int, repeats: int, warmup: int
+) -> dict[int, float]:
+    """Median seconds of a verification over the root plus n tree tokens, for n up to twice the budget (trees
+    `select_tree` makes from one full pool, so masks and depths are the engine's). The sizes take turns within
+    each repeat, so a machine that slows down mid-run slows every size alike instead of bending the curve."""
+    sizes = curve_points(min(len(pool.tokens), 2 * total_tokens))
+    trees = {n: select_tree(pool, n) for n in sizes}
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    device = pair.target.device
+    for r in range(warmup + repeats):
+        for n in sizes:
+            sync(device)
+            t0 = time.perf_counter()
+            bench.cache.length = bench.prefix_len
+            verify_tree(pair.target, bench.cache, bench.pending, trees[n], bench.root_pos)
+            sync(device)
+            if r >= warmup:
+                times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def monotone(values: list[float]) -> list[float]:
+    """The closest non-decreasing sequence in least squares (pool adjacent violators): a bigger tree never costs
+    less to verify, and on a shared CPU noise would otherwise say it does."""
+    blocks: list[list[float]] = []  # [mean, weight]
+    for v in values:
+        blocks.append([v, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, w1), (m2, w2) = blocks[-2], blocks.pop()
+            blocks[-1] = [(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2]
+    return [m for m, w in blocks for _ in range(int(w))]
+
+
 @torch.inference_mode()
 def profile_costs(
     pair: ModelPair,
@@ -240,6 +287,7 @@ def profile_costs(
         next_token(target(bench.pending[None, -1:], cache=bench.cache)[0, -1], Sampling(), None)
 
     verify_times = _timed(verify, device, repeats, warmup)
+    curve = _verify_curve(bench, pair, pool, total_tokens, repeats, warmup)
     overhead_times = _overhead_times(bench, pair, pool, tree, total_tokens, repeats, warmup)
     eye_times = _decision_times(bench, cfg, verify, controller or LSTMController(), seed, repeats, warmup, device)
     ar_times = _timed(ar, device, repeats, warmup)
@@ -252,11 +300,12 @@ def profile_costs(
         "precision": precision_of(target), "target": names[0], "draft": names[1],
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
         "k": k, "total_tokens": total_tokens, "verified_tokens": 1 + len(tree), "prompt_tokens": prompt_tokens,
-        "repeats": repeats, "warmup": warmup, "statistic": "median", "cycle_overhead_s": med(overhead_times),
+        "repeats": repeats, "warmup": warmup, "statistic": "median", "verify_s_measured": list(curve.values()),
         "spread_s": {name: [min(v), max(v)] for name, v in spread.items()},
     }
     cost = CostModel(T_0=med(verify_times), T_f=med(call_times), T_eye=med(eye_times), t_max=t_max,
-                     ar_step=med(ar_times), meta=meta)
+                     ar_step=med(ar_times), verify_tokens=list(curve), verify_s=monotone(list(curve.values())),
+                     T_c=med(overhead_times), budget=len(tree), meta=meta)
     if out is not None:
         cost.save(out)
     return cost

@@ -22,6 +22,15 @@ Policies (names in results):
                        iteration: the best aggregate speedup any per-prefix choice of depth can reach, hence the true
                        ceiling for every stop rule under ratio-of-means.
 
+With a list of verification budgets (records of schema 2, `simulate_budgets`), each priced by the cost file's
+verification curve at the tokens its tree holds:
+    fixed-i@b          always i calls, b tree tokens verified (the table shows the best b per depth)
+    threshold@budget   the threshold rule with the (threshold, budget) pair tuned on the training records
+    controller+budget  a controller with a budget head: its depths and its budgets
+    oracle-joint       Dinkelbach over every (calls, budget) pair per prefix: the ceiling of any policy choosing
+                       both. At temperature 0 a record's acceptance is certain, so this oracle is clairvoyant (it
+                       knows which draft the target will take); at temperature 1 it knows only the law.
+
 Costs: only the controller runs the LSTM, so by default (`charge_eye="controller"`) only it is charged T_eye
 (Eq. 6); fixed depths, threshold and the oracles are charged T_0 + T_f * i. `charge_eye="all"` charges Eq. 6 to
 everyone, `"none"` to no one.
@@ -33,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from radar.controller.budgets import JointTable, depth_times, joint_table
 from radar.controller.dataset import RecordSet
 from radar.controller.mdp import CostModel, expected_accepted
 from radar.controller.policy import CONTINUE, STOP, LSTMController
@@ -54,6 +64,7 @@ class PolicyResult:
     depth_hist: list[int]  # cycles per depth 1..t_max
     charged_eye: bool
     params: dict = field(default_factory=dict)
+    mean_budget: float | None = None  # tree tokens per cycle, for policies that choose a budget
 
 
 @dataclass
@@ -69,25 +80,45 @@ class SimulationResult:
 
     @property
     def best_fixed(self) -> PolicyResult:
-        """The fixed depth with the highest speedup."""
-        fixed = [p for n, p in self.policies.items() if n.startswith(FIXED_PREFIX)]
+        """The fixed depth (at the records' budget) with the highest speedup."""
+        fixed = [p for n, p in self.policies.items() if n.startswith(FIXED_PREFIX) and "@" not in n]
         if not fixed:
             raise ValueError("no fixed-depth policies were simulated")
         return max(fixed, key=lambda p: p.speedup)
 
+    @property
+    def best_fixed_pair(self) -> PolicyResult:
+        """The fixed (depth, budget) pair with the highest speedup (the best fixed depth without a budget grid)."""
+        fixed = [p for n, p in self.policies.items() if n.startswith(FIXED_PREFIX) and "@" in n]
+        return max(fixed, key=lambda p: p.speedup) if fixed else self.best_fixed
+
     def to_dict(self) -> dict:
-        """Plain dict for JSON, with `best_fixed` named when fixed depths ran."""
+        """Plain dict for JSON, with `best_fixed` (and `best_fixed_pair`) named when fixed depths ran."""
         d = asdict(self)
         if any(n.startswith(FIXED_PREFIX) for n in self.policies):
             d["best_fixed"] = self.best_fixed.name
+            d["best_fixed_pair"] = self.best_fixed_pair.name
         return d
 
-    def table(self) -> str:
-        """A plain-text table, one row per policy."""
-        head = f"{'policy':<18} {'speedup':>8} {'calls':>6} {'tau':>6} {'ms/cycle':>9}  depth histogram 1..{self.t_max}"
+    def table(self, all_pairs: bool = False) -> str:
+        """A plain-text table, one row per policy; of the fixed (depth, budget) grid only the best pair per depth
+        unless `all_pairs`."""
+        head = (f"{'policy':<22} {'speedup':>8} {'calls':>6} {'tokens':>6} {'tau':>6} {'ms/cycle':>9}  "
+                f"depth histogram 1..{self.t_max}")
         rows = [head, "-" * len(head)]
-        for p in self.policies.values():
-            rows.append(f"{p.name:<18} {p.speedup:>7.3f}x {p.mean_calls:>6.2f} {p.mean_tokens:>6.2f} "
+        shown = self.policies.values()
+        if not all_pairs:
+            best: dict[str, PolicyResult] = {}
+            for p in shown:
+                if p.name.startswith(FIXED_PREFIX) and "@" in p.name:
+                    depth = p.name.split("@")[0]
+                    if depth not in best or p.speedup > best[depth].speedup:
+                        best[depth] = p
+            shown = [p for p in shown if not (p.name.startswith(FIXED_PREFIX) and "@" in p.name)
+                     or best.get(p.name.split("@")[0]) is p]
+        for p in shown:
+            budget = f"{p.mean_budget:>6.1f}" if p.mean_budget is not None else f"{'-':>6}"
+            rows.append(f"{p.name:<22} {p.speedup:>7.3f}x {p.mean_calls:>6.2f} {budget} {p.mean_tokens:>6.2f} "
                         f"{1000 * p.mean_time:>9.3f}  {p.depth_hist}")
         rows.append(f"{self.n_records} records; speedup = ratio of means vs AR ({self.speedup_basis})")
         return "\n".join(rows)
@@ -149,11 +180,13 @@ def threshold_depths(states: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def _tokens_and_time(records: RecordSet, cost: CostModel, controller: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, t_max) expected tokens E[l | i] + 1 and (t_max,) T_gen(i)."""
+    """(N, t_max) expected tokens E[l | i] + 1 and (t_max,) T_gen(i) at the records' budget."""
     if records.t_max != cost.t_max:
         raise ValueError(f"records have t_max={records.t_max} but the cost model has t_max={cost.t_max}; use a "
                          "cost model measured for the same t_max")
-    return expected_accepted(records.dists.double()) + 1, cost.t_gen_table(controller)
+    budget = records.budget if cost.verify_tokens else 0  # a flat T_0 prices every budget alike
+    return (expected_accepted(records.dists.double()) + 1,
+            depth_times(cost, records.t_max, records.k, budget, controller))
 
 
 def oracle_depths(records: RecordSet, cost: CostModel, controller: bool = False) -> torch.Tensor:
@@ -182,7 +215,8 @@ def throughput_oracle_depths(
     return depths, lam
 
 
-def tune_threshold(records: RecordSet, cost: CostModel, candidates: torch.Tensor | None = None) -> float:
+def tune_threshold(records: RecordSet, cost: CostModel, candidates: torch.Tensor | None = None,
+                   table: JointTable | None = None) -> float:
     """The threshold with the best aggregate speedup on `records` (ties -> the larger threshold, fewer calls).
     Default candidates: 0 (never stop), 1.01 (always stop) and 64 quantiles of the confidences the rule sees."""
     if candidates is None:
@@ -190,7 +224,10 @@ def tune_threshold(records: RecordSet, cost: CostModel, candidates: torch.Tensor
         conf = conf[:: conf.numel() // 1_000_000 + 1]  # torch.quantile caps its input size; a stride is plenty
         qs = torch.quantile(conf, torch.linspace(0, 1, 64, dtype=torch.float64)) if conf.numel() else conf
         candidates = torch.cat((torch.tensor([0.0, 1.01], dtype=torch.float64), qs)).unique()
-    tokens, t_gen = _tokens_and_time(records, cost, controller=False)
+    if table is None:
+        tokens, t_gen = _tokens_and_time(records, cost, controller=False)
+    else:  # one budget's column of a joint table
+        tokens, t_gen = table.tokens[:, :, 0], table.time[:, 0]
     best, best_rate = None, -1.0
     for thr in sorted(candidates.tolist(), reverse=True):
         d = threshold_depths(records.states, thr) - 1
@@ -235,9 +272,11 @@ def simulate(
     train_records: RecordSet | None = None,
     fixed: bool = True,
     charge_eye: str = "controller",
+    budgets: list[int] | None = None,
 ) -> SimulationResult:
     """Expected speedup of every fixed depth, the threshold rule (given, or tuned on `train_records`; omitted when
-    neither), the controller (when given), and both oracles, on held-out `records`."""
+    neither), the controller (when given), and both oracles, on held-out `records`; with `budgets` (records of
+    schema 2) also the budget-aware policies of `simulate_budgets`."""
     if charge_eye not in ("controller", "all", "none"):
         raise ValueError(f"charge_eye must be 'controller', 'all' or 'none', got {charge_eye!r}")
     if len(records) == 0:
@@ -254,54 +293,116 @@ def simulate(
     if threshold is not None:
         res["threshold"] = evaluate_depths(records, threshold_depths(records.states, threshold), cost, "threshold",
                                            base_eye, {"threshold": threshold})
-    if controller is not None:
+    if controller is not None and not controller.budgets:
         res["controller"] = evaluate_depths(records, controller_depths(controller, records.states), cost,
                                             "controller", ctrl_eye, {"greedy": True})
     res["oracle"] = evaluate_depths(records, oracle_depths(records, cost, base_eye), cost, "oracle", base_eye)
     depths, _ = throughput_oracle_depths(records, cost, base_eye)
     res["oracle-throughput"] = evaluate_depths(records, depths, cost, "oracle-throughput", base_eye)
+    if controller is not None and controller.budgets and not budgets:
+        budgets = controller.budgets
+    if budgets:
+        res.update(simulate_budgets(records, cost, list(budgets), controller, train_records, rules_eye=base_eye,
+                                    controller_eye=ctrl_eye))
     return SimulationResult(res, len(records), records.t_max, cost.to_dict(), cost.speedup_basis)
 
 
-def plot(results: SimulationResult, path) -> None:
-    """Save a PNG: expected speedup per policy (left) and the depth histograms of the adaptive ones (right)."""
-    import matplotlib
+# ---- depth and budget together ---------------------------------------------------------------------------
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    names = list(results.policies)
-    speed = [results.policies[n].speedup for n in names]
-    colors = ["#9aa5b1" if n.startswith(FIXED_PREFIX) else "#2b6cb0" if n in ("controller", "threshold")
-              else "#c05621" for n in names]
-    adaptive = [n for n in names if not n.startswith(FIXED_PREFIX)]
+@torch.no_grad()
+def controller_choices(controller: LSTMController, states: torch.Tensor, chunk: int = 8192
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy draft calls (N,) and budget indices (N,) of a controller with a budget head: the head is read on the
+    state of the stop decision (the last frontier when drafting ran to t_max)."""
+    if not controller.budgets:
+        raise ValueError("this controller has no budget head")
+    was_training = controller.training
+    controller.eval()
+    device = next(controller.parameters()).device
+    depths, picks = [], []
+    for i in range(0, states.shape[0], chunk):
+        stop, budget = controller.heads(states[i:i + chunk].to(device))
+        d = depths_from_continues((stop[:, :-1, CONTINUE] > stop[:, :-1, STOP]).cpu())
+        picks.append(budget.float().cpu()[torch.arange(d.numel()), d - 1].argmax(-1))
+        depths.append(d)
+    controller.train(was_training)
+    return torch.cat(depths), torch.cat(picks)
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    bars = ax1.bar(range(len(names)), speed, color=colors)
-    ax1.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax1.set_ylabel(f"expected speedup vs AR ({results.speedup_basis})")
-    lo = min(speed)
-    ax1.set_ylim(max(0.0, lo - 0.15 * (max(speed) - lo + 1e-9) - 0.05), max(speed) * 1.04)
-    for b, s in zip(bars, speed):
-        ax1.annotate(f"{s:.2f}", (b.get_x() + b.get_width() / 2, s), ha="center", va="bottom", fontsize=8)
-    if any(n.startswith(FIXED_PREFIX) for n in names):
-        best = results.best_fixed
-        ax1.axhline(best.speedup, color="#555", ls="--", lw=0.8, label=f"best fixed ({best.name})")
-        ax1.legend(fontsize=8, loc="lower right")
-    ax1.set_title(f"{results.n_records} held-out records, ratio of means")
 
-    depths = list(range(1, results.t_max + 1))
-    width = 0.8 / max(len(adaptive), 1)
-    for j, n in enumerate(adaptive):
-        h = results.policies[n].depth_hist
-        total = max(sum(h), 1)
-        ax2.bar([d - 0.4 + width * (j + 0.5) for d in depths], [c / total for c in h], width,
-                label=f"{n} (mean {results.policies[n].mean_calls:.2f})")
-    ax2.set_xticks(depths, [str(d) for d in depths])
-    ax2.set_xlabel("draft calls per cycle")
-    ax2.set_ylabel("fraction of cycles")
-    ax2.legend(fontsize=8)
-    ax2.set_title("chosen depths")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def evaluate_choices(table: JointTable, depths: torch.Tensor, budget_index: torch.Tensor, name: str,
+                     params: dict | None = None, ar_time: float = 1.0) -> PolicyResult:
+    """Aggregate per-record (calls, budget) choices priced by a `JointTable`."""
+    tok, time = table.at(depths.long(), budget_index.long())
+    return PolicyResult(
+        name=name, speedup=float(ar_time * tok.sum() / time.sum()), mean_calls=float(depths.double().mean()),
+        mean_tokens=float(tok.mean()), mean_time=float(time.mean()),
+        speedup_mean_of_ratios=float((ar_time * tok / time).mean()),
+        depth_hist=torch.bincount(depths.long() - 1, minlength=table.tokens.shape[1]).tolist(),
+        charged_eye=table.charged_eye, params=params or {},
+        mean_budget=float(torch.tensor(table.budgets, dtype=torch.float64)[budget_index.long()].mean()),
+    )
+
+
+def joint_oracle(table: JointTable, max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Per-record (calls, budget index) maximising sum tokens / sum time (Dinkelbach over every pair): the ceiling
+    of every policy choosing both."""
+    n, t_max, nb = table.tokens.shape
+    tokens, time = table.tokens.reshape(n, -1), table.time.reshape(-1)
+    lam = float((tokens.mean(0) / time).max())
+    best = None
+    for _ in range(max_iter):
+        choice = (tokens - lam * time).argmax(1)
+        rate = float(tokens.gather(1, choice[:, None]).sum() / time[choice].sum())
+        if best is not None and rate <= lam * (1 + 1e-12):
+            break
+        best, lam = choice, rate
+    return best // nb + 1, best % nb, lam
+
+
+def tune_threshold_budget(records: RecordSet, cost: CostModel, budgets: list[int]) -> tuple[float, int]:
+    """The (threshold, budget) with the best aggregate speedup on `records`, the threshold's candidates as in
+    `tune_threshold`."""
+    table = joint_table(records, cost, budgets)
+    best, best_rate = (0.0, budgets[-1]), -1.0
+    for j, b in enumerate(budgets):
+        sub = JointTable([b], table.tokens[:, :, j:j + 1], table.time[:, j:j + 1], False)
+        thr = tune_threshold(records, cost, table=sub)
+        d = threshold_depths(records.states, thr)
+        tok, time = sub.at(d, torch.zeros_like(d))
+        rate = float(tok.sum() / time.sum())
+        if rate > best_rate * (1 + 1e-12):
+            best, best_rate = (thr, b), rate
+    return best
+
+
+def simulate_budgets(
+    records: RecordSet, cost: CostModel, budgets: list[int], controller: LSTMController | None = None,
+    train_records: RecordSet | None = None, threshold_budget: tuple[float, int] | None = None,
+    rules_eye: bool = False, controller_eye: bool = True,
+) -> dict[str, PolicyResult]:
+    """The budget-aware policies on held-out `records`: every fixed (depth, budget) pair, the threshold rule with
+    a tuned budget (given, or tuned on `train_records`), the controller's own (depth, budget) choices when it has a
+    budget head, and the joint oracle."""
+    table = joint_table(records, cost, budgets, controller=rules_eye)
+    n, ar = len(records), cost.ar_time
+    res: dict[str, PolicyResult] = {}
+    for i in range(1, records.t_max + 1):
+        for j, b in enumerate(budgets):
+            name = f"{FIXED_PREFIX}{i}@{b}"
+            res[name] = evaluate_choices(table, torch.full((n,), i), torch.full((n,), j), name, ar_time=ar)
+    if threshold_budget is None and train_records is not None:
+        threshold_budget = tune_threshold_budget(train_records, cost, budgets)
+    if threshold_budget is not None:
+        thr, b = threshold_budget
+        res["threshold@budget"] = evaluate_choices(
+            table, threshold_depths(records.states, thr), torch.full((n,), budgets.index(b)), "threshold@budget",
+            {"threshold": thr, "budget": b}, ar)
+    if controller is not None and controller.budgets:
+        table_c = joint_table(records, cost, controller.budgets, controller=controller_eye)
+        depths, picks = controller_choices(controller, records.states)
+        res["controller+budget"] = evaluate_choices(table_c, depths, picks, "controller+budget",
+                                                    {"budgets": controller.budgets}, ar)
+    depths, picks, _ = joint_oracle(table)
+    res["oracle-joint"] = evaluate_choices(table, depths, picks, "oracle-joint", ar_time=ar)
+    return res

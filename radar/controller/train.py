@@ -25,6 +25,16 @@ Variants (`TrainConfig`):
         ratio-of-means speedup `simulate` reports; Eq. 4's per-cycle ratio is a different objective whose per-prefix
         optimum ("oracle") can lose to a fixed depth in aggregate. The batch rate is a running estimate of lambda*.
     variant="improved" is a preset: expected_reward=True and baseline="group" (unless another baseline is set).
+    variant="exact" needs no sampling: the records hold every depth's (and budget's) outcome, so the expected
+        throughput objective E[tokens] - lambda E[time] - alpha E[continues] is summed over all of them and
+        differentiated exactly (`exact_loss`); lambda is the batch's own rate, as for the throughput reward.
+    variant="ppo" is PPO-style, as Learning to Draft (ICLR 2026) trains with a throughput reward: the throughput
+        reward, expected_reward=True, baseline="mean" unless set, and `ppo_epochs` clipped steps (ratio clip `clip`)
+        on each batch of rollouts instead of one.
+
+A controller with a budget head (`ControllerConfig.budgets`) is trained jointly on records of schema 2: the head's
+choice b at the stop is one more action, priced by the (calls, budget) tables of `radar.controller.budgets`; its
+advantage is the terminal reward less the baseline (the group advantage with baseline="group").
 
 beta (the terminal scale, the reference code's `beta`): None means 1 / mean_records(E[l | t_max] / T_gen(t_max)),
 so the terminal reward is about 1 for the deepest fixed schedule and alpha reads "per-call penalty in units of the
@@ -35,89 +45,18 @@ Optimiser as the reference: Adam(lr, weight_decay), grad-norm clip, cosine annea
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 
 from radar.controller.dataset import RecordSet
-from radar.controller.mdp import CostModel, batch_returns, expected_accepted, terminal_reward
-from radar.controller.policy import CONTINUE, ControllerConfig, LSTMController
-from radar.controller.simulate import controller_depths, depths_from_continues, evaluate_depths
-
-VARIANTS = ("reinforce", "improved")
-BASELINES = ("none", "mean", "group")
-SCHEDULES = ("cosine", "constant")
-REWARDS = ("ratio", "throughput")
-
-
-@dataclass
-class TrainConfig:
-    """Training settings; the defaults are the reference's REINFORCE (see the module docstring)."""
-
-    alpha: float = 0.02  # penalty per "continue"
-    gamma: float = 0.99
-    beta: float | None = None  # terminal reward scale; None = auto (module docstring)
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    epochs: int = 100
-    batch_size: int = 64  # records per step (each expanded to group_size rollouts with baseline="group")
-    grad_clip: float = 1.0
-    schedule: str = "cosine"
-    min_lr: float = 1e-6
-    seed: int = 0
-    variant: str = "reinforce"
-    expected_reward: bool = False
-    baseline: str = "none"
-    group_size: int = 8
-    entropy_coef: float = 0.0
-    bonus_in_reward: bool = False
-    reward: str = "ratio"  # "ratio" (Eq. 4) | "throughput" (tokens - lambda * time, see the module docstring)
-    cost: CostModel = field(default_factory=lambda: CostModel.preset("llama3.1-8b"))
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.cost, dict):
-            self.cost = CostModel.from_dict(self.cost)
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.baseline not in BASELINES:
-            raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
-        if self.reward not in REWARDS:
-            raise ValueError(f"reward must be one of {REWARDS}, got {self.reward!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
-        if not 0 <= self.gamma <= 1:
-            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
-        if self.lr <= 0 or self.grad_clip <= 0:
-            raise ValueError("lr and grad_clip must be > 0")
-        if self.beta is not None and self.beta <= 0:
-            raise ValueError("beta must be > 0 (or None for auto)")
-        if self.effective().baseline == "group" and self.group_size < 2:
-            raise ValueError("baseline='group' needs group_size >= 2")
-
-    def effective(self) -> "TrainConfig":
-        """The settings actually used: the 'improved' preset filled in."""
-        if self.variant != "improved":
-            return self
-        return replace(self, variant="reinforce", expected_reward=True,
-                       baseline="group" if self.baseline == "none" else self.baseline)
-
-    def to_dict(self) -> dict:
-        """Plain dict of the settings."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        """Build from a dict; unknown keys are a one-line error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown train config keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
-
+from radar.controller.mdp import CostModel, expected_accepted
+from radar.controller.objectives import exact_loss, log_policy, policy_loss, rollout, surrogate
+from radar.controller.train_config import TrainConfig
+from radar.controller.policy import ControllerConfig, LSTMController
+from radar.controller.budgets import budget_dists, depth_times, joint_table, tree_tokens
+from radar.controller.simulate import controller_choices, controller_depths, evaluate_choices, evaluate_depths
 
 @dataclass
 class TrainHistory:
@@ -145,62 +84,52 @@ def auto_beta(records: RecordSet, cost: CostModel, reward: str = "ratio") -> flo
     return 1.0 / m if m > 0 else 1.0
 
 
-def policy_loss(
-    controller: LSTMController,
-    states: torch.Tensor,
-    dists: torch.Tensor,
-    cfg: TrainConfig,
-    beta: float,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Roll the policy out once per row of (states (B, t_max, k), dists (B, t_max, t_max + 1)) -- rows already
-    repeated group_size times for the group baseline -- and return the REINFORCE loss and batch statistics."""
-    cfg = cfg.effective()
-    n, t_max, _ = states.shape
-    logp = torch.log_softmax(controller(states[:, : t_max - 1]).float(), dim=-1)  # (B, D, 2)
-    with torch.no_grad():
-        u = torch.rand(logp.shape[:-1], generator=generator, device=generator.device).to(logp.device)
-        cont = u < logp[..., CONTINUE].exp()
-        calls = depths_from_continues(cont)
-        d_t = dists[torch.arange(n, device=dists.device), calls - 1].double().clamp_min(0)
-        if cfg.expected_reward:
-            l_acc = expected_accepted(d_t)
-        else:
-            l_acc = torch.multinomial(d_t.cpu(), 1, generator=_cpu_gen(generator)).squeeze(1).to(d_t)
-        if cfg.reward == "ratio":
-            terminal = terminal_reward(l_acc, calls, cfg.cost, beta, cfg.bonus_in_reward, controller=True)
-        else:  # throughput: emitted tokens minus the batch's own rate times this cycle's time
-            tokens = l_acc + 1
-            t_gen = cfg.cost.t_gen_table(controller=True).to(calls.device)[calls - 1]
-            terminal = beta * (tokens - tokens.sum() / t_gen.sum() * t_gen)
-        returns, mask = batch_returns(calls, terminal, cfg.alpha, cfg.gamma, t_max)
-        if cfg.baseline == "none":
-            adv = returns
-        elif cfg.baseline == "mean":
-            m = mask.double()
-            adv = returns - (returns * m).sum(0) / m.sum(0).clamp_min(1)
-        else:  # group: rows come in consecutive groups of group_size rollouts of one record
-            r = returns[:, 0].view(-1, cfg.group_size)
-            a = (r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + 1e-8)
-            adv = a.reshape(-1, 1).expand_as(returns)
-        adv = (adv * mask).float()
-    logp_a = logp.gather(-1, cont.long()[..., None]).squeeze(-1)
-    maskf = mask.float()
-    loss = -(adv * logp_a * maskf).sum() / n
-    entropy = -(logp.exp() * logp).sum(-1)
-    mean_entropy = (entropy * maskf).sum() / maskf.sum()
-    if cfg.entropy_coef:
-        loss = loss - cfg.entropy_coef * mean_entropy
-    stats = {"return": float(returns[:, 0].mean()), "terminal": float(terminal.mean()),
-             "calls": float(calls.double().mean()), "entropy": float(mean_entropy.detach())}
-    return loss, stats
+def imitate_threshold(controller: LSTMController, records: RecordSet, cfg: TrainConfig,
+                      generator: torch.Generator) -> dict:
+    """Behaviour cloning of the threshold rule tuned on `records` (with its tuned budget for a budget head), the
+    start of training with init="threshold". Why: from a random start every variant drives P(continue) towards 0
+    wherever deep trees cost more than they give on average, and a saturated stop gets almost no gradient back at
+    the states where one more call would pay, so the policy settles on one depth; the rule is a start that
+    already drafts deeper where the frontier is confident, and training moves on from it."""
+    from radar.controller.simulate import threshold_depths, tune_threshold, tune_threshold_budget
+
+    budgets = controller.budgets
+    if budgets:
+        threshold, budget = tune_threshold_budget(records, cfg.cost, budgets)
+    else:
+        threshold, budget = tune_threshold(records, cfg.cost), None
+    device = next(controller.parameters()).device
+    states = records.states.to(device)
+    t_max = records.t_max
+    calls = threshold_depths(records.states, threshold).to(device)
+    steps = torch.arange(1, t_max, device=device)
+    target = (steps[None] < calls[:, None]).long()  # continue before every call the rule makes
+    mask = steps[None] <= calls.clamp(max=t_max - 1)[:, None]  # the decisions the rule takes
+    opt = torch.optim.Adam(controller.parameters(), lr=3e-3)
+    controller.train()
+    for _ in range(cfg.init_epochs):
+        perm = torch.randperm(states.shape[0], generator=generator, device=device)
+        for i in range(0, states.shape[0], cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            logp, logp_b = log_policy(controller, states[idx])
+            nll = -(logp.gather(-1, target[idx][..., None]).squeeze(-1) * mask[idx]).sum() / mask[idx].sum()
+            if logp_b is not None:
+                at_stop = logp_b[torch.arange(idx.numel(), device=device), calls[idx] - 1]
+                nll = nll - at_stop[:, budgets.index(budget)].mean()
+            opt.zero_grad(set_to_none=True)
+            nll.backward()
+            opt.step()
+    return {"threshold": threshold, "budget": budget}
 
 
-def _cpu_gen(g: torch.Generator) -> torch.Generator:
-    """torch.multinomial wants a generator on its input's device; l_acc is drawn on the CPU, seeded from `g`."""
-    if g.device.type == "cpu":
-        return g
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)))
+def evaluate_controller(controller: LSTMController, records: RecordSet, cost: CostModel):
+    """The greedy controller's simulated `PolicyResult` on `records` (its budgets too when it has a head)."""
+    if controller.budgets:
+        depths, picks = controller_choices(controller, records.states)
+        table = joint_table(records, cost, controller.budgets, controller=True)
+        return evaluate_choices(table, depths, picks, "controller+budget", ar_time=cost.ar_time)
+    return evaluate_depths(records, controller_depths(controller, records.states), cost, "controller",
+                           controller=True)
 
 
 def train_epoch(
@@ -211,11 +140,17 @@ def train_epoch(
     cfg: TrainConfig,
     beta: float,
     generator: torch.Generator,
+    time: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """One pass over the records in a random order, one optimiser step per batch; the batch statistics averaged."""
+    """One pass over the records in a random order, one optimiser step per batch (`ppo_epochs` steps on the same
+    rollouts for PPO); the batch statistics averaged."""
     controller.train()
     eff = cfg.effective()
     rollouts = eff.group_size if eff.baseline == "group" else 1
+    if dists.dim() == 3:
+        dists = dists[:, :, None]
+    time = cfg.cost.t_gen_table(controller=True) if time is None else time
+    time = time[:, None] if time.dim() == 1 else time
     perm = torch.randperm(states.shape[0], generator=generator, device=states.device)
     sums: dict[str, float] = {}
     steps = 0
@@ -224,12 +159,28 @@ def train_epoch(
         s, d = states[idx], dists[idx]
         if rollouts > 1:
             s, d = s.repeat_interleave(rollouts, 0), d.repeat_interleave(rollouts, 0)
-        loss, stats = policy_loss(controller, s, d, cfg, beta, generator)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(controller.parameters(), cfg.grad_clip)
-        opt.step()
-        stats["loss"], stats["grad_norm"] = float(loss.detach()), float(gn)
+        logp, logp_b = log_policy(controller, s)
+        if eff.variant == "exact":
+            loss, stats = exact_loss(logp, logp_b, d, time, cfg, beta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(controller.parameters(), cfg.grad_clip)
+            opt.step()
+            stats.update(loss=float(loss.detach()), grad_norm=float(gn))
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+            continue
+        ro = rollout(logp.detach(), None if logp_b is None else logp_b.detach(), d, time, cfg, beta, generator)
+        for update in range(cfg.ppo_epochs if eff.variant == "ppo" else 1):
+            if update:  # PPO: the same rollouts again under the updated policy, clipped
+                logp, logp_b = log_policy(controller, s)
+            loss, entropy = surrogate(logp, logp_b, ro, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(controller.parameters(), cfg.grad_clip)
+            opt.step()
+        stats = {**ro.stats, "entropy": float(entropy.detach()), "loss": float(loss.detach()), "grad_norm": float(gn)}
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
         steps += 1
@@ -260,9 +211,19 @@ def train(
     if records.k != controller_cfg.input_size:
         raise ValueError(f"records have k={records.k} frontier scores but the controller takes "
                          f"input_size={controller_cfg.input_size}")
-    beta = cfg.beta if cfg.beta is not None else auto_beta(records, cfg.cost, cfg.reward)
+    eff = cfg.effective()
+    beta = cfg.beta if cfg.beta is not None else auto_beta(records, cfg.cost, eff.reward)
     device = torch.device(cfg.device)
-    states, dists = records.states.to(device), records.dists.to(device)
+    states = records.states.to(device)
+    if controller_cfg.budgets:
+        dists = budget_dists(records, controller_cfg.budgets).to(device)
+        sizes = tree_tokens(records.t_max, records.k, controller_cfg.budgets)
+        calls = torch.arange(1, records.t_max + 1)[:, None].expand_as(sizes)
+        time = cfg.cost.cycle_times(calls, sizes, controller=True).to(device)
+    else:
+        dists = records.dists.to(device)
+        budget = records.budget if cfg.cost.verify_tokens else 0  # a flat T_0 prices every budget alike
+        time = depth_times(cfg.cost, records.t_max, records.k, budget, controller=True).to(device)
 
     from tqdm.auto import tqdm
 
@@ -271,19 +232,20 @@ def train(
         torch.manual_seed(cfg.seed)  # init and dropout
         gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # shuffling, actions, l_acc samples
         controller = LSTMController(controller_cfg).to(device)
+        if cfg.init == "threshold":
+            imitate_threshold(controller, records, cfg, gen)
         opt = torch.optim.Adam(controller.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=min(cfg.min_lr, cfg.lr))
                  if cfg.schedule == "cosine" else None)
         bar = tqdm(range(cfg.epochs), desc="train controller", disable=not progress, dynamic_ncols=True)
         for epoch in bar:
             lr = opt.param_groups[0]["lr"]
-            means = train_epoch(controller, opt, states, dists, cfg, beta, gen)
+            means = train_epoch(controller, opt, states, dists, cfg, beta, gen, time)
             if sched is not None:
                 sched.step()
             metrics = {"epoch": epoch + 1, "lr": lr, **means}
             if eval_records is not None:
-                res = evaluate_depths(eval_records, controller_depths(controller, eval_records.states), cfg.cost,
-                                      "controller", controller=True)
+                res = evaluate_controller(controller, eval_records, cfg.cost)
                 metrics["eval_speedup"], metrics["eval_calls"] = res.speedup, res.mean_calls
             history.append(metrics)
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "calls", "return", "eval_speedup")
@@ -293,3 +255,7 @@ def train(
         bar.close()
     controller.eval()
     return controller, TrainHistory(history, beta, {**cfg.to_dict(), "effective": asdict(cfg.effective())})
+
+
+__all__ = ["TrainConfig", "TrainHistory", "train", "train_epoch", "auto_beta", "policy_loss", "imitate_threshold",
+           "evaluate_controller"]

@@ -8,6 +8,8 @@ is committed; both KV caches keep only that path. The target always holds every 
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from radar.decoding.drafters import Drafter
@@ -58,13 +60,14 @@ def generate_speculative(
     session = DecodeSession(target, prompt_ids, max_new_tokens, on_commit)
     spec = Speculation(target, drafter, prompt_ids, session.max_len + tree_cfg.max_nodes + 1)
     while True:
+        start = time.perf_counter()
         root_pos = session.root_position
         policy.reset()
         tree = build_tree(drafter, spec.draft_pending, root_pos, tree_cfg, policy)
 
         logits, base = spec.verify(tree, root_pos)
-        path, bonus = walk(tree, logits, sampling, generator)
+        path, bonus = walk(tree, logits, sampling, generator)  # reads the logits back: the device is done here
         new = spec.commit(tree, path, base, bonus)
-        session.stats.count_cycle(len(new), tree.draft_calls)
+        session.stats.count_cycle(len(new), tree.draft_calls, len(tree), time.perf_counter() - start)
         if not session.commit(new):
             return session.result()

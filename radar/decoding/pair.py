@@ -167,11 +167,12 @@ class ModelPair:
                 raise ValueError("method radar needs a controller (--controller PATH)")
             cfg, policy = self.tree, policy or self.stop_policy(seed, sampling)
         elif method.kind == "threshold":
-            cfg, policy = self.tree, policy or ThresholdPolicy(method.threshold)
+            cfg, policy = replace(self.tree, total_tokens=method.budget or self.tree.total_tokens), \
+                policy or ThresholdPolicy(method.threshold)
         elif method.kind == "chain":
             cfg = TreeConfig(branching=1, max_calls=method.depth, total_tokens=method.depth)
         else:
-            cfg = replace(self.tree, max_calls=method.depth)
+            cfg = replace(self.tree, max_calls=method.depth, total_tokens=method.budget or self.tree.total_tokens)
         policy = policy or FixedDepth(method.depth)
         return generate_speculative(
             self.target, self.drafter(), prompt_ids, cfg, policy, sampling, max_new_tokens, generator,

@@ -35,15 +35,20 @@ class GenerationStats:
     draft_calls: int = 0
     accept_lengths: list[int] = field(default_factory=list)  # tau per cycle: accepted drafts + bonus
     draft_calls_per_cycle: list[int] = field(default_factory=list)
+    tree_tokens_per_cycle: list[int] = field(default_factory=list)  # tree nodes verified per cycle (root excluded)
+    cycle_s: list[float] = field(default_factory=list)  # seconds per cycle, drafting to commit: what costs model
     wall_s: float = 0.0
     finish_reason: str = "length"  # "length", "eos", "context", or "stop" (the on_commit callback asked to stop)
 
-    def count_cycle(self, committed: int, draft_calls: int) -> None:
-        """Account for one speculative cycle: one target call, its draft calls, `committed` = accepted + bonus."""
+    def count_cycle(self, committed: int, draft_calls: int, tree_tokens: int = 0, seconds: float = 0.0) -> None:
+        """Account for one speculative cycle: one target call, its draft calls, `committed` = accepted + bonus, the
+        tree tokens it verified and its wall time."""
         self.target_calls += 1
         self.draft_calls += draft_calls
         self.accept_lengths.append(committed)
         self.draft_calls_per_cycle.append(draft_calls)
+        self.tree_tokens_per_cycle.append(tree_tokens)
+        self.cycle_s.append(seconds)
 
     @property
     def tau(self) -> float:

@@ -21,6 +21,9 @@ class StopPolicy(Protocol):
     def decide(self, calls: int, frontier_scores: torch.Tensor) -> bool:
         """After `calls` draft calls, with the frontier's cumulative log-probs: True to make one more call."""
 
+    # Optional: `choose_budget(calls, frontier_scores) -> int | None`, asked once drafting has ended, picks how many
+    # tree tokens the target verifies this cycle (`build_tree`); the controller has one.
+
 
 class FixedDepth:
     """Always make exactly `depth` draft calls (EAGLE's fixed schedule)."""
@@ -54,3 +57,4 @@ class ThresholdPolicy:
     def decide(self, calls: int, frontier_scores: torch.Tensor) -> bool:
         """Continue while the most likely frontier path is at least `threshold` likely."""
         return bool(frontier_scores.max() >= self.log_threshold)
+

@@ -7,7 +7,8 @@ and the best `total_tokens` nodes form the tree the target verifies. Because a c
 exceeds its parent's, the top of the ranking is closed under ancestors (ties go to the earlier, shallower node).
 
 Before every call after the first, `policy.decide(calls_so_far, frontier_scores)` may end drafting: that is where
-fixed depths, confidence thresholds and the RADAR controller plug in (`radar.decoding.stop`).
+fixed depths, confidence thresholds and the RADAR controller plug in (`radar.decoding.stop`); a policy may also
+choose the cycle's verification budget once drafting ends (`choose_budget`).
 """
 
 from __future__ import annotations
@@ -159,5 +160,11 @@ def induced_tree(pool: DraftPool, keep: torch.Tensor) -> DraftTree:
 def build_tree(
     drafter: Drafter, pending: torch.Tensor, root_position: int, cfg: TreeConfig, policy: StopPolicy
 ) -> DraftTree:
-    """Draft one cycle's tree: the pool of `draft_pool`, reranked to the verification budget."""
-    return select_tree(draft_pool(drafter, pending, root_position, cfg, policy), cfg.total_tokens)
+    """Draft one cycle's tree: the pool of `draft_pool`, reranked to the verification budget, which a policy with
+    a `choose_budget(calls, frontier_scores)` method picks per cycle (None keeps the configured one)."""
+    pool = draft_pool(drafter, pending, root_position, cfg, policy)
+    budget = cfg.total_tokens
+    choose = getattr(policy, "choose_budget", None)
+    if choose is not None:
+        budget = choose(pool.draft_calls, pool.scores[pool.depths == pool.draft_calls]) or budget
+    return select_tree(pool, budget)

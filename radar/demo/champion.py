@@ -1,4 +1,5 @@
-"""The register stage's choice: the better of the trained and the tuned controller on the held-out records."""
+"""The register stage's choice: the better of the trained and the tuned controller on the held-out records, or the
+better rule when both lose to one."""
 
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ from radar.demo.stages import controller_digest
 def choose_champion(records: str, costs: str, candidates: dict[str, dict], out: Path, sim_path: Path,
                     eval_fraction: float, seed: int, track: bool) -> dict:
     """Simulate each candidate on the held-out prompts, copy the best to `out`, write the simulation to `sim_path`
-    and (with MLflow) register it as the champion; on a tie the first candidate wins."""
+    and (with MLflow) register it as the champion; on a tie the first candidate wins.
+
+    A champion must beat the rules that need no learning on the same held-out records: the best fixed depth and
+    the threshold rule tuned on the training records (and, for a controller with a budget head, the best fixed
+    (depth, budget) pair and the threshold with a tuned budget). When no candidate does, the better rule is registered
+    instead, written as a controller network that decides exactly as the rule does (`radar.controller.rules`), and
+    the result says so (`"rule"`), so the pipeline never registers a policy worse than a rule without saying it."""
     from radar.controller.mdp import CostModel
     from radar.controller.policy import load_controller
     from radar.controller.simulate import simulate
@@ -25,22 +32,67 @@ def choose_champion(records: str, costs: str, candidates: dict[str, dict], out: 
     cost = CostModel.load(costs)
     sims = {name: simulate(held, cost, controller=load_controller(c["path"]), train_records=fit)
             for name, c in candidates.items()}
-    speedups = {name: s.policies["controller"].speedup for name, s in sims.items()}
+    speedups = {name: _controller_row(s).speedup for name, s in sims.items()}
     choice = max(speedups, key=lambda n: speedups[n])
     sim = sims[choice]
-    depth = int(sim.best_fixed.name.removeprefix("fixed-"))
+    k = load_controller(candidates[choice]["path"]).k
+    rules = _rules(max(sims.values(), key=lambda s: len(s.policies)), k)
+    # Priced as what would be registered, a controller network (its decisions charged T_eye like any controller's)
+    rules = {name: (_controller_row(simulate(held, cost, controller=net)).speedup, net)
+             for name, (_, net) in rules.items()}
+    best_rule = max(rules, key=lambda n: rules[n][0])
+    rule = best_rule if rules[best_rule][0] > speedups[choice] else None
     with new_dir(out) as tmp:
-        for f in Path(candidates[choice]["path"]).iterdir():
-            shutil.copy2(f, tmp / f.name)
-    write_atomic(sim_path, json.dumps({"champion": choice, "controller_speedups": speedups,
-                                       "best_fixed_depth": depth, "table": sim.to_dict()}, indent=1) + "\n")
+        if rule:
+            rules[rule][1].save(tmp, meta={"rule": rule, "held_out_speedup": rules[rule][0], "beat": speedups})
+        else:
+            for f in Path(candidates[choice]["path"]).iterdir():
+                shutil.copy2(f, tmp / f.name)
+    champion_speedup = rules[rule][0] if rule else speedups[choice]
+    rule_speedups = {name: r[0] for name, r in rules.items()}
+    depth = int(sim.best_fixed.name.removeprefix("fixed-"))
+    pair = sim.best_fixed_pair.name.removeprefix("fixed-")  # "D@B", or "D" without a budget grid
+    write_atomic(sim_path, json.dumps({"champion": rule or choice, "controller_speedups": speedups,
+                                       "rule_speedups": rule_speedups, "best_fixed_depth": depth,
+                                       "table": sim.to_dict()}, indent=1) + "\n")
     version = None
     if track:
-        metrics = {"eval_speedup": speedups[choice], "best_fixed_speedup": sim.best_fixed.speedup,
-                   "best_fixed_depth": depth, "candidate": choice, "source": "radar demo"}
+        metrics = {"eval_speedup": champion_speedup, "best_fixed_speedup": sim.best_fixed.speedup,
+                   "best_fixed_depth": depth, "candidate": rule or choice, "source": "radar demo"}
         experiment = tracking.TRAIN_EXPERIMENT if choice == "trained" else tracking.TUNE_EXPERIMENT
         version = register_controller(out, candidates[choice]["run_id"], metrics=metrics, experiment=experiment)
+    thr_budget = sim.policies.get("threshold@budget")
     return {"path": str(out), "digest": controller_digest(out), "choice": choice, "speedups": speedups,
-            "best_fixed_depth": depth, "best_fixed_speedup": sim.best_fixed.speedup, "version": version,
+            "rule": rule, "rule_speedups": rule_speedups, "champion_speedup": champion_speedup,
+            "best_fixed_depth": depth, "best_fixed_pair": f"tree:{pair}",
+            "best_fixed_speedup": sim.best_fixed.speedup, "version": version,
             "tuned_threshold": sim.policies["threshold"].params["threshold"],
+            "tuned_threshold_budget": [thr_budget.params["threshold"], thr_budget.params["budget"]]
+            if thr_budget else None,
             "simulation": str(sim_path)}
+
+
+def _rules(sim, k: int) -> dict[str, tuple[float, object]]:
+    """The rules a champion must beat, {method name: (held-out speedup, the rule as a controller network)}: the best
+    fixed depth and the tuned threshold, and with a budget grid the best fixed (depth, budget) pair and the
+    threshold with its tuned budget."""
+    from radar.controller.rules import fixed_depth_controller, threshold_controller
+
+    depth = int(sim.best_fixed.name.removeprefix("fixed-"))
+    threshold = sim.policies["threshold"].params["threshold"]
+    out = {f"tree:{depth}": (sim.best_fixed.speedup, fixed_depth_controller(depth, k)),
+           f"threshold:{threshold:.3g}": (sim.policies["threshold"].speedup, threshold_controller(threshold, k))}
+    budgets = sim.policies["controller+budget"].params["budgets"] if "controller+budget" in sim.policies else None
+    pair = sim.best_fixed_pair
+    if budgets and "@" in pair.name:
+        d, b = (int(x) for x in pair.name.removeprefix("fixed-").split("@"))
+        out[f"tree:{d}@{b}"] = (pair.speedup, fixed_depth_controller(d, k, budgets, b))
+        tb = sim.policies["threshold@budget"]
+        out[f"threshold:{tb.params['threshold']:.3g}@{tb.params['budget']}"] = (
+            tb.speedup, threshold_controller(tb.params["threshold"], k, budgets, tb.params["budget"]))
+    return out
+
+
+def _controller_row(sim):
+    """The controller's row of a simulation: depth-only, or with its budget head."""
+    return sim.policies.get("controller") or sim.policies["controller+budget"]

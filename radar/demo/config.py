@@ -23,10 +23,10 @@ class CollectPlan:
 
 
 def _demo_train() -> TrainConfig:
-    # The recipe of the bundled controllers (radar/data/controller/README.md), 40 epochs to keep the demo short: on
-    # the default pair's records the "improved" preset collapses to one draft call.
-    return TrainConfig(variant="reinforce", expected_reward=True, baseline="mean", reward="throughput", alpha=0.0,
-                       gamma=0.99, lr=1e-3, epochs=40, batch_size=256)
+    # The exact expected throughput, started from the tuned threshold rule: from a random start every variant
+    # settles on one draft call on the default pair's records (benchmarks/README.md, "Depth and verification
+    # budget"); 40 epochs keep the demo short.
+    return TrainConfig(variant="exact", init="threshold", alpha=0.0, gamma=0.99, lr=1e-3, epochs=40, batch_size=256)
 
 
 def _demo_sweep() -> SweepConfig:
@@ -59,6 +59,9 @@ class DemoRunConfig:
     temperature: float = 0.0
     seed: int = 0
     eval_fraction: float = 0.2  # prompts held out for the simulated speedup (train, tune and register share it)
+    # The trained controller's budget head: "auto" (a few tree sizes up to the tree's budget) or "1,2,4"; None: the
+    # paper's depth-only controller. (The tune sweep trains depth-only controllers.)
+    budgets: str | None = "auto"
     profile_repeats: int = 50
     collect: CollectPlan = field(default_factory=CollectPlan)
     train: TrainConfig = field(default_factory=_demo_train)

@@ -240,12 +240,13 @@ class DemoPipeline:
         cfg, out = self.cfg, self.work / "controller"
         train_cfg = replace(cfg.train, seed=cfg.seed)
         inputs = {"records": records["digest"], "costs": costs["digest"], "eval_fraction": cfg.eval_fraction,
-                  "train": {k: v for k, v in asdict(train_cfg).items() if k != "cost"}, "tracking": self.store}
+                  "train": {k: v for k, v in asdict(train_cfg).items() if k != "cost"}, "tracking": self.store,
+                  "budgets": cfg.budgets}
 
         def body(resume: bool) -> dict:
             job = TrainJob(data=records["path"], out=str(out), train=replace(train_cfg, cost=CostModel.load(
                 costs["path"])), eval_fraction=cfg.eval_fraction, track=cfg.track, run_name="demo",
-                source="radar demo")
+                source="radar demo", budgets=cfg.budgets)
             o = train_controller(job)
             return {"path": str(out), "digest": controller_digest(out), "run_id": o.run_id,
                     "eval_speedup": o.eval_speedup, "n_train": o.n_train, "n_eval": o.n_eval}
@@ -313,8 +314,7 @@ class DemoPipeline:
         return self.stages.run(
             "register", inputs, body, check,
             start="simulating both controllers on the held-out prompts",
-            summary=lambda o: (f"champion: the {o['choice']} controller, {o['speedups'][o['choice']]:.3f}x simulated"
-                               + (f", models:/radar-controller version {o['version']}" if o["version"] else "")),
+            summary=_champion_summary,
         )
 
     def stage_bench(self, pair: dict, champion: dict) -> dict:
@@ -326,9 +326,13 @@ class DemoPipeline:
         cfg, path = self.cfg, self.work / "bench.json"
         # transformers' assisted generation takes a small LM as draft, not an EAGLE-3 head; prompt lookup needs none
         hf = ["hf", "hf-pld"] if is_eagle3_dir(pair["draft"]) else ["hf", "hf-pld", "hf-assisted"]
-        threshold = champion.get("tuned_threshold")  # absent from stages written before the threshold joined the bench
-        rule = [f"threshold:{threshold:.3g}"] if threshold is not None else []
-        job = replace(cfg.bench, methods=["ar", *hf, f"tree:{champion['best_fixed_depth']}", *rule, "radar"],
+        # the rules beside radar: the best fixed depth and pair, the tuned threshold, alone and with its budget
+        rules = [f"tree:{champion['best_fixed_depth']}", champion.get("best_fixed_pair")]
+        threshold, with_budget = champion.get("tuned_threshold"), champion.get("tuned_threshold_budget")
+        rules += [f"threshold:{threshold:.3g}" if threshold is not None else None,
+                  f"threshold:{with_budget[0]:.3g}@{with_budget[1]}" if with_budget else None]
+        rules = list(dict.fromkeys(r for r in rules if r))
+        job = replace(cfg.bench, methods=["ar", *hf, *rules, "radar"],
                       controller="models:/radar-controller@champion" if cfg.track else champion["path"],
                       model=pair["target"], draft=pair["draft"], device=cfg.device, dtype=cfg.dtype,
                       tree_tokens=self.tree.total_tokens, max_new_tokens=cfg.max_new_tokens,
@@ -398,3 +402,14 @@ def run_demo(cfg: DemoRunConfig, fresh: bool = False, log: Callable[[str], None]
 
         print_report(result)
     return result
+
+
+def _champion_summary(o: dict) -> str:
+    """The register stage's one line: the champion, and when a rule won, what it beat."""
+    if o.get("rule"):
+        lost = ", ".join(f"{name} {v:.3f}x" for name, v in o["speedups"].items())
+        text = (f"champion: the rule {o['rule']} ({o['champion_speedup']:.3f}x simulated), written as a controller: "
+                f"the trained and tuned controllers lost to it ({lost})")
+    else:
+        text = f"champion: the {o['choice']} controller, {o['speedups'][o['choice']]:.3f}x simulated"
+    return text + (f", models:/radar-controller version {o['version']}" if o["version"] else "")

@@ -15,6 +15,7 @@ def simulation_table(simulation: dict) -> str:
 
     table = dict(simulation["table"])
     table.pop("best_fixed", None)
+    table.pop("best_fixed_pair", None)
     policies = {name: PolicyResult(**p) for name, p in table.pop("policies").items()}
     return SimulationResult(policies=policies, **table).table()
 

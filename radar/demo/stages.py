@@ -20,8 +20,9 @@ from radar.controller.policy import CONFIG_FILE, WEIGHTS_FILE
 
 STAGES = ("pair", "costs", "collect", "train", "tune", "register", "bench")
 MANIFEST = "stages.json"
-MANIFEST_FORMAT = "radar-demo-stages/4"  # 2: inputs keyed by the operations' configs; 3: the resolved dtype;
-# 4: the resolved precision (gguf among them) and the tree it implies
+MANIFEST_FORMAT = "radar-demo-stages/5"  # 2: inputs keyed by the operations' configs; 3: the resolved dtype;
+# 4: the resolved precision (gguf among them) and the tree it implies; 5: records of schema 2 (pool nodes), costs with
+# the verification curve, a budget head, rules as champions
 
 
 class StageError(RuntimeError):

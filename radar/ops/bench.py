@@ -41,6 +41,7 @@ class BenchConfig:
     device: str = "auto"
     dtype: str = "auto"
     tree_tokens: int | None = None
+    max_calls: int | None = None  # the tree's t_max (radar, threshold:P); None: the device's default tree
     controller: str | None = None  # for method radar; None: the bundled controllers
 
     def __post_init__(self) -> None:
@@ -59,6 +60,8 @@ class Run:
     new_tokens: int
     accept_lengths: list[int]
     draft_calls: list[int]
+    tree_tokens: list[int] = field(default_factory=list)
+    cycle_s: list[float] = field(default_factory=list)
 
 
 def run_method(
@@ -67,7 +70,7 @@ def run_method(
     """Decode every prompt once with `method` (prompt i of the set is `first + i`, which seeds it); wall time covers
     decoding only, not tokenisation."""
     sampling = Sampling(cfg.temperature, cfg.top_p)
-    outputs, taus, calls, wall = [], [], [], 0.0
+    outputs, taus, calls, sizes, cycle_s, wall = [], [], [], [], [], 0.0
     for i, ids in enumerate(prompt_ids, first):
         seed = cfg.seed + i
         if method in HF_METHODS:
@@ -81,8 +84,10 @@ def run_method(
             out, wall = result.token_ids, wall + result.stats.wall_s
             taus += result.stats.accept_lengths
             calls += result.stats.draft_calls_per_cycle
+            sizes += result.stats.tree_tokens_per_cycle
+            cycle_s += result.stats.cycle_s
         outputs.append(out)
-    return Run(outputs, wall, sum(map(len, outputs)), taus, calls)
+    return Run(outputs, wall, sum(map(len, outputs)), taus, calls, sizes, cycle_s)
 
 
 def progress_steps(cfg: BenchConfig) -> int:
@@ -113,7 +118,8 @@ def run_bench(
         for method, pieces in parts.items():
             runs[method].append(Run([o for p in pieces for o in p.outputs], sum(p.wall_s for p in pieces),
                                     sum(p.new_tokens for p in pieces), [a for p in pieces for a in p.accept_lengths],
-                                    [c for p in pieces for c in p.draft_calls]))
+                                    [c for p in pieces for c in p.draft_calls],
+                                    [n for p in pieces for n in p.tree_tokens], [t for p in pieces for t in p.cycle_s]))
 
     results = {}
     for method, reps in runs.items():
@@ -127,6 +133,10 @@ def run_bench(
             "new_tokens": median.new_tokens,
             "outputs": median.outputs,
         }
+        if median.cycle_s:  # the cycles themselves, for `radar calibrate`
+            results[method]["cycles"] = {"draft_calls": median.draft_calls, "tree_tokens": median.tree_tokens,
+                                         "committed": median.accept_lengths, "seconds": median.cycle_s}
+            results[method]["cycle_tokens_per_s"] = sum(median.accept_lengths) / sum(median.cycle_s)
     base = results["ar"]["tokens_per_s"]
     for r in results.values():
         r["speedup_vs_ar"] = r["tokens_per_s"] / base
@@ -155,7 +165,8 @@ def benchmark(
         raise ValueError(f"method hf-assisted needs a small LM as draft; {cfg.draft} is an EAGLE-3 head, which "
                          "transformers' assisted generation cannot use (drop hf-assisted from --methods)")
     if pair is None:
-        pair = load_pair(cfg.model, cfg.draft, cfg.device, cfg.dtype, tree_tokens=cfg.tree_tokens)
+        pair = load_pair(cfg.model, cfg.draft, cfg.device, cfg.dtype, tree_tokens=cfg.tree_tokens,
+                         max_calls=cfg.max_calls)
     if "radar" in cfg.methods:
         attach_controller(pair, cfg.controller)
     # Only assisted generation needs the draft in transformers (an EAGLE-3 head is no transformers model)

@@ -63,12 +63,15 @@ def load_pair(
     dtype: str = "auto",
     tree: TreeConfig | None = None,
     tree_tokens: int | None = None,
+    max_calls: int | None = None,
 ) -> ModelPair:
     """Target + draft loaded with the default tree for the device and precision, or `tree`, with `tree_tokens`
-    verified per cycle."""
+    verified per cycle and `max_calls` draft calls at most."""
     pair = ModelPair.load(model, draft, device=device, dtype=dtype, tree=tree)
     if tree_tokens is not None:
         pair.tree = replace(pair.tree, total_tokens=tree_tokens)
+    if max_calls is not None:
+        pair.tree = replace(pair.tree, max_calls=max_calls)
     return pair
 
 

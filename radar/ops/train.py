@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from radar.common.files import new_files_in
+from radar.controller.budgets import parse_budgets
 from radar.controller.dataset import RecordSet, read_records, train_test_split
 from radar.controller.policy import ControllerConfig
 from radar.controller.train import TrainConfig, train
@@ -27,6 +28,7 @@ class TrainJob:
     track: bool = True
     run_name: str | None = None
     source: str | None = None  # who asked (e.g. "radar demo"), logged with the params
+    budgets: str | None = None  # a budget head over these tree sizes: "auto" or "1,2,4"; None: depth only
 
 
 @dataclass
@@ -51,7 +53,8 @@ def train_controller(job: TrainJob, on_epoch: Callable[[dict], None] | None = No
     from radar.common import tracking
 
     records, fit, held = split_records(job.data, job.eval_fraction, job.train.seed)
-    ctrl_cfg = ControllerConfig(**{**asdict(job.controller), "input_size": records.k})
+    budgets = parse_budgets(job.budgets, records.budget) or job.controller.budgets
+    ctrl_cfg = ControllerConfig(**{**asdict(job.controller), "input_size": records.k, "budgets": budgets})
     params = {"train": job.train.to_dict(), "controller": asdict(ctrl_cfg), "records": str(job.data),
               "n_train": len(fit), "n_eval": len(held), **({"source": job.source} if job.source else {})}
 

@@ -29,8 +29,9 @@ def parse_speculation(value: str) -> Method:
         method = None
     # Only the canonical spellings: the value is reported back and used as a metrics label, so " radar",
     # "tree:04" or the engine's "ar" and "chain:D" stay refused.
-    # threshold:P stays a bench method: any float would become a metrics label.
-    if method is None or method.kind in ("chain", "threshold") or speculation_name(method) != value:
+    # threshold:P and budgets (tree:D@B) stay bench methods: any number would become a metrics label.
+    if (method is None or method.kind in ("chain", "threshold") or method.budget is not None
+            or speculation_name(method) != value):
         raise ValueError(f"speculation must be 'radar', 'off' or 'tree:D' (D = 1..{MAX_TREE_DEPTH}), got {value!r}")
     if method.depth > MAX_TREE_DEPTH:
         raise ValueError(f"speculation tree:D allows D up to {MAX_TREE_DEPTH}, got {value!r}")

@@ -4,6 +4,7 @@ expected speedup (under the true costs) with a checkpoint of the controller, so 
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 
 import torch
 
@@ -18,12 +19,13 @@ from radar.cluster.tune.space import METRIC
 def scaled_cost(cost: CostModel, t0_scale: float = 1.0, tf_scale: float = 1.0, teye_scale: float = 1.0) -> CostModel:
     """`cost` with T_0, T_f and T_eye multiplied by the given scales (the training reward's cost model)."""
     scales = {"t0_scale": t0_scale, "tf_scale": tf_scale, "teye_scale": teye_scale}
-    return CostModel(T_0=cost.T_0 * t0_scale, T_f=cost.T_f * tf_scale, T_eye=cost.T_eye * teye_scale,
-                     t_max=cost.t_max, ar_step=cost.ar_step, meta={**cost.meta, "scaled": scales})
+    return replace(cost, T_0=cost.T_0 * t0_scale, T_f=cost.T_f * tf_scale, T_eye=cost.T_eye * teye_scale,
+                   verify_s=[v * t0_scale for v in cost.verify_s], meta={**cost.meta, "scaled": scales})
 
 
 def trial_configs(config: dict, k: int) -> tuple[TrainConfig, ControllerConfig, CostModel]:
-    """(training config with the scaled cost, controller config, true cost) for one trial's `config`."""
+    """(training config with the scaled cost, controller config, true cost) for one trial's `config`. T_0's scale
+    scales the whole verification curve."""
     true_cost = CostModel.from_dict(dict(config["cost"]), "tune config 'cost'")
     train_cost = scaled_cost(true_cost, config.get("t0_scale", 1.0), config.get("tf_scale", 1.0),
                              config.get("teye_scale", 1.0))

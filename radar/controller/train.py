@@ -55,7 +55,7 @@ from radar.controller.mdp import CostModel, expected_accepted
 from radar.controller.objectives import exact_loss, log_policy, policy_loss, rollout, surrogate
 from radar.controller.train_config import TrainConfig
 from radar.controller.policy import ControllerConfig, LSTMController
-from radar.controller.budgets import budget_dists, depth_times, joint_table, tree_tokens
+from radar.controller.budgets import JointTable, budget_dists, depth_times, joint_table, tree_tokens
 from radar.controller.simulate import controller_choices, controller_depths, evaluate_choices, evaluate_depths
 
 @dataclass
@@ -122,11 +122,13 @@ def imitate_threshold(controller: LSTMController, records: RecordSet, cfg: Train
     return {"threshold": threshold, "budget": budget}
 
 
-def evaluate_controller(controller: LSTMController, records: RecordSet, cost: CostModel):
-    """The greedy controller's simulated `PolicyResult` on `records` (its budgets too when it has a head)."""
+def evaluate_controller(controller: LSTMController, records: RecordSet, cost: CostModel,
+                        table: JointTable | None = None):
+    """The greedy controller's simulated `PolicyResult` on `records` (its budgets too when it has a head, priced by
+    `table` when given: the records' joint table for the controller's budgets, built once for many calls)."""
     if controller.budgets:
         depths, picks = controller_choices(controller, records.states)
-        table = joint_table(records, cost, controller.budgets, controller=True)
+        table = table or joint_table(records, cost, controller.budgets, controller=True)
         return evaluate_choices(table, depths, picks, "controller+budget", ar_time=cost.ar_time)
     return evaluate_depths(records, controller_depths(controller, records.states), cost, "controller",
                            controller=True)
@@ -225,6 +227,9 @@ def train(
         budget = records.budget if cfg.cost.verify_tokens else 0  # a flat T_0 prices every budget alike
         time = depth_times(cfg.cost, records.t_max, records.k, budget, controller=True).to(device)
 
+    eval_table = (joint_table(eval_records, cfg.cost, controller_cfg.budgets, controller=True)
+                  if eval_records is not None and controller_cfg.budgets else None)  # once, not every epoch
+
     from tqdm.auto import tqdm
 
     history: list[dict] = []
@@ -245,7 +250,7 @@ def train(
                 sched.step()
             metrics = {"epoch": epoch + 1, "lr": lr, **means}
             if eval_records is not None:
-                res = evaluate_controller(controller, eval_records, cfg.cost)
+                res = evaluate_controller(controller, eval_records, cfg.cost, eval_table)
                 metrics["eval_speedup"], metrics["eval_calls"] = res.speedup, res.mean_calls
             history.append(metrics)
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "calls", "return", "eval_speedup")

@@ -149,6 +149,16 @@ def exact_loss(
                   "calls": float(e_calls.detach().mean()), "entropy": float(entropy.detach())}
 
 
+def joint_shapes(dists: torch.Tensor, time: torch.Tensor | None, cfg: TrainConfig
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depth-only tables as one-budget joint ones: dists (B, t_max, n_budgets, t_max + 1) and time (t_max,
+    n_budgets); `time` None is Eq. 6 of cfg.cost."""
+    if dists.dim() == 3:
+        dists = dists[:, :, None]
+    time = cfg.cost.t_gen_table(controller=True) if time is None else time
+    return dists, time[:, None] if time.dim() == 1 else time
+
+
 def policy_loss(
     controller: LSTMController,
     states: torch.Tensor,
@@ -162,12 +172,7 @@ def policy_loss(
     head, (B, t_max, n_budgets, t_max + 1)) -- rows already repeated group_size times for the group baseline --
     and return the policy-gradient loss and batch statistics. `time` (t_max[, n_budgets]) prices the cycles
     (default: Eq. 6 of cfg.cost)."""
-    if dists.dim() == 3:
-        dists = dists[:, :, None]
-    if time is None:
-        time = cfg.cost.t_gen_table(controller=True)
-    if time.dim() == 1:
-        time = time[:, None]
+    dists, time = joint_shapes(dists, time, cfg)
     logp, logp_b = log_policy(controller, states)
     ro = rollout(logp.detach(), None if logp_b is None else logp_b.detach(), dists, time, cfg, beta, generator)
     loss, entropy = surrogate(logp, logp_b, ro, cfg)
@@ -181,4 +186,5 @@ def _cpu_gen(g: torch.Generator) -> torch.Generator:
     return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)))
 
 
-__all__ = ["Rollout", "log_policy", "rollout", "surrogate", "depth_budget_logprobs", "exact_loss", "policy_loss"]
+__all__ = ["Rollout", "log_policy", "rollout", "surrogate", "depth_budget_logprobs", "exact_loss", "joint_shapes",
+           "policy_loss"]

@@ -204,15 +204,21 @@ def throughput_oracle_depths(
     fixed depth's rate and setting lambda to the rate of the last choice increases lambda strictly until the
     choice stops changing, at which point no choice of depths has a higher aggregate rate."""
     tokens, t_gen = _tokens_and_time(records, cost, controller)
-    lam = float((tokens.sum(0) / (t_gen * len(records))).max())
-    depths = None
+    choice, rate = dinkelbach(tokens, t_gen, max_iter)
+    return choice + 1, rate
+
+
+def dinkelbach(tokens: torch.Tensor, time: torch.Tensor, max_iter: int = 100) -> tuple[torch.Tensor, float]:
+    """Per-row choice among A arms, tokens (N, A) and time (A,), maximising sum tokens / sum time, and that rate."""
+    lam = float((tokens.mean(0) / time).max())  # the best single arm's rate
+    best = None
     for _ in range(max_iter):
-        choice = (tokens - lam * t_gen).argmax(dim=1)
-        rate = float(tokens.gather(1, choice[:, None]).sum() / t_gen[choice].sum())
-        if depths is not None and rate <= lam * (1 + 1e-12):
+        choice = (tokens - lam * time).argmax(dim=1)
+        rate = float(tokens.gather(1, choice[:, None]).sum() / time[choice].sum())
+        if best is not None and rate <= lam * (1 + 1e-12):
             break
-        depths, lam = choice + 1, rate
-    return depths, lam
+        best, lam = choice, rate
+    return best, lam
 
 
 def tune_threshold(records: RecordSet, cost: CostModel, candidates: torch.Tensor | None = None,
@@ -249,18 +255,19 @@ def evaluate_depths(
     d = depths.long().cpu() - 1
     if ((d < 0) | (d >= records.t_max)).any():
         raise ValueError(f"{name}: depths must be in 1..{records.t_max}")
-    tok = tokens.gather(1, d[:, None]).squeeze(1)
-    time = t_gen[d]
+    return _result(name, tokens.gather(1, d[:, None]).squeeze(1), t_gen[d], depths, records.t_max, cost.ar_time,
+                   controller, params)
+
+
+def _result(name: str, tok: torch.Tensor, time: torch.Tensor, depths: torch.Tensor, t_max: int, ar_time: float,
+            charged_eye: bool, params: dict | None, mean_budget: float | None = None) -> PolicyResult:
+    """A `PolicyResult` from each record's expected tokens and seconds under the policy's choices."""
     return PolicyResult(
-        name=name,
-        speedup=float(cost.ar_time * tok.sum() / time.sum()),
-        mean_calls=float(depths.double().mean()),
-        mean_tokens=float(tok.mean()),
-        mean_time=float(time.mean()),
-        speedup_mean_of_ratios=float((cost.ar_time * tok / time).mean()),
-        depth_hist=torch.bincount(d, minlength=records.t_max).tolist(),
-        charged_eye=controller,
-        params=params or {},
+        name=name, speedup=float(ar_time * tok.sum() / time.sum()), mean_calls=float(depths.double().mean()),
+        mean_tokens=float(tok.mean()), mean_time=float(time.mean()),
+        speedup_mean_of_ratios=float((ar_time * tok / time).mean()),
+        depth_hist=torch.bincount(depths.long().cpu() - 1, minlength=t_max).tolist(), charged_eye=charged_eye,
+        params=params or {}, mean_budget=mean_budget,
     )
 
 
@@ -334,29 +341,15 @@ def evaluate_choices(table: JointTable, depths: torch.Tensor, budget_index: torc
                      params: dict | None = None, ar_time: float = 1.0) -> PolicyResult:
     """Aggregate per-record (calls, budget) choices priced by a `JointTable`."""
     tok, time = table.at(depths.long(), budget_index.long())
-    return PolicyResult(
-        name=name, speedup=float(ar_time * tok.sum() / time.sum()), mean_calls=float(depths.double().mean()),
-        mean_tokens=float(tok.mean()), mean_time=float(time.mean()),
-        speedup_mean_of_ratios=float((ar_time * tok / time).mean()),
-        depth_hist=torch.bincount(depths.long() - 1, minlength=table.tokens.shape[1]).tolist(),
-        charged_eye=table.charged_eye, params=params or {},
-        mean_budget=float(torch.tensor(table.budgets, dtype=torch.float64)[budget_index.long()].mean()),
-    )
+    mean_budget = float(torch.tensor(table.budgets, dtype=torch.float64)[budget_index.long()].mean())
+    return _result(name, tok, time, depths, table.tokens.shape[1], ar_time, table.charged_eye, params, mean_budget)
 
 
 def joint_oracle(table: JointTable, max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Per-record (calls, budget index) maximising sum tokens / sum time (Dinkelbach over every pair): the ceiling
     of every policy choosing both."""
-    n, t_max, nb = table.tokens.shape
-    tokens, time = table.tokens.reshape(n, -1), table.time.reshape(-1)
-    lam = float((tokens.mean(0) / time).max())
-    best = None
-    for _ in range(max_iter):
-        choice = (tokens - lam * time).argmax(1)
-        rate = float(tokens.gather(1, choice[:, None]).sum() / time[choice].sum())
-        if best is not None and rate <= lam * (1 + 1e-12):
-            break
-        best, lam = choice, rate
+    n, _, nb = table.tokens.shape
+    best, lam = dinkelbach(table.tokens.reshape(n, -1), table.time.reshape(-1), max_iter)
     return best // nb + 1, best % nb, lam
 
 

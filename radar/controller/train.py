@@ -52,7 +52,7 @@ import torch
 
 from radar.controller.dataset import RecordSet
 from radar.controller.mdp import CostModel, expected_accepted
-from radar.controller.objectives import exact_loss, log_policy, policy_loss, rollout, surrogate
+from radar.controller.objectives import exact_loss, joint_shapes, log_policy, policy_loss, rollout, surrogate
 from radar.controller.train_config import TrainConfig
 from radar.controller.policy import ControllerConfig, LSTMController
 from radar.controller.budgets import JointTable, budget_dists, depth_times, joint_table, tree_tokens
@@ -149,10 +149,15 @@ def train_epoch(
     controller.train()
     eff = cfg.effective()
     rollouts = eff.group_size if eff.baseline == "group" else 1
-    if dists.dim() == 3:
-        dists = dists[:, :, None]
-    time = cfg.cost.t_gen_table(controller=True) if time is None else time
-    time = time[:, None] if time.dim() == 1 else time
+    dists, time = joint_shapes(dists, time, cfg)
+
+    def step(loss: torch.Tensor) -> float:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(controller.parameters(), cfg.grad_clip)
+        opt.step()
+        return float(norm)
+
     perm = torch.randperm(states.shape[0], generator=generator, device=states.device)
     sums: dict[str, float] = {}
     steps = 0
@@ -164,25 +169,16 @@ def train_epoch(
         logp, logp_b = log_policy(controller, s)
         if eff.variant == "exact":
             loss, stats = exact_loss(logp, logp_b, d, time, cfg, beta)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(controller.parameters(), cfg.grad_clip)
-            opt.step()
-            stats.update(loss=float(loss.detach()), grad_norm=float(gn))
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-            steps += 1
-            continue
-        ro = rollout(logp.detach(), None if logp_b is None else logp_b.detach(), d, time, cfg, beta, generator)
-        for update in range(cfg.ppo_epochs if eff.variant == "ppo" else 1):
-            if update:  # PPO: the same rollouts again under the updated policy, clipped
-                logp, logp_b = log_policy(controller, s)
-            loss, entropy = surrogate(logp, logp_b, ro, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(controller.parameters(), cfg.grad_clip)
-            opt.step()
-        stats = {**ro.stats, "entropy": float(entropy.detach()), "loss": float(loss.detach()), "grad_norm": float(gn)}
+            gn = step(loss)
+        else:
+            ro = rollout(logp.detach(), None if logp_b is None else logp_b.detach(), d, time, cfg, beta, generator)
+            for update in range(cfg.ppo_epochs if eff.variant == "ppo" else 1):
+                if update:  # PPO: the same rollouts again under the updated policy, clipped
+                    logp, logp_b = log_policy(controller, s)
+                loss, entropy = surrogate(logp, logp_b, ro, cfg)
+                gn = step(loss)
+            stats = {**ro.stats, "entropy": float(entropy.detach())}
+        stats.update(loss=float(loss.detach()), grad_norm=gn)
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
         steps += 1

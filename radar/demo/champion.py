@@ -36,10 +36,9 @@ def choose_champion(records: str, costs: str, candidates: dict[str, dict], out: 
     choice = max(speedups, key=lambda n: speedups[n])
     sim = sims[choice]
     k = load_controller(candidates[choice]["path"]).k
-    rules = _rules(max(sims.values(), key=lambda s: len(s.policies)), k)
     # Priced as what would be registered, a controller network (its decisions charged T_eye like any controller's)
     rules = {name: (_controller_row(simulate(held, cost, controller=net)).speedup, net)
-             for name, (_, net) in rules.items()}
+             for name, net in _rules(max(sims.values(), key=lambda s: len(s.policies)), k).items()}
     best_rule = max(rules, key=lambda n: rules[n][0])
     rule = best_rule if rules[best_rule][0] > speedups[choice] else None
     with new_dir(out) as tmp:
@@ -72,24 +71,24 @@ def choose_champion(records: str, costs: str, candidates: dict[str, dict], out: 
             "simulation": str(sim_path)}
 
 
-def _rules(sim, k: int) -> dict[str, tuple[float, object]]:
-    """The rules a champion must beat, {method name: (held-out speedup, the rule as a controller network)}: the best
-    fixed depth and the tuned threshold, and with a budget grid the best fixed (depth, budget) pair and the
-    threshold with its tuned budget."""
+def _rules(sim, k: int) -> dict:
+    """The rules a champion must beat, {method name: the rule as a controller network}: the best fixed depth and
+    the tuned threshold, and with a budget grid the best fixed (depth, budget) pair and the threshold with its tuned
+    budget."""
     from radar.controller.rules import fixed_depth_controller, threshold_controller
 
     depth = int(sim.best_fixed.name.removeprefix("fixed-"))
     threshold = sim.policies["threshold"].params["threshold"]
-    out = {f"tree:{depth}": (sim.best_fixed.speedup, fixed_depth_controller(depth, k)),
-           f"threshold:{threshold:.3g}": (sim.policies["threshold"].speedup, threshold_controller(threshold, k))}
+    out = {f"tree:{depth}": fixed_depth_controller(depth, k),
+           f"threshold:{threshold:.3g}": threshold_controller(threshold, k)}
     budgets = sim.policies["controller+budget"].params["budgets"] if "controller+budget" in sim.policies else None
     pair = sim.best_fixed_pair
     if budgets and "@" in pair.name:
         d, b = (int(x) for x in pair.name.removeprefix("fixed-").split("@"))
-        out[f"tree:{d}@{b}"] = (pair.speedup, fixed_depth_controller(d, k, budgets, b))
+        out[f"tree:{d}@{b}"] = fixed_depth_controller(d, k, budgets, b)
         tb = sim.policies["threshold@budget"]
-        out[f"threshold:{tb.params['threshold']:.3g}@{tb.params['budget']}"] = (
-            tb.speedup, threshold_controller(tb.params["threshold"], k, budgets, tb.params["budget"]))
+        out[f"threshold:{tb.params['threshold']:.3g}@{tb.params['budget']}"] = threshold_controller(
+            tb.params["threshold"], k, budgets, tb.params["budget"])
     return out
 
 

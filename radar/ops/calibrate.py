@@ -20,7 +20,7 @@ import torch
 
 from radar.common.files import write_atomic
 from radar.common.prompts import load_prompts
-from radar.controller.budgets import joint_table, tree_tokens
+from radar.controller.budgets import depth_times, joint_table
 from radar.controller.dataset import RecordSet, read_records
 from radar.controller.mdp import CostModel, expected_accepted
 from radar.controller.policy import LSTMController
@@ -81,8 +81,7 @@ def predicted(records: RecordSet, cost: CostModel, method: Method, controller: L
         raise ValueError(f"method {method} cannot be priced from tree records (tree:D, threshold:P or radar)")
     if budget is None or budget == records.budget:  # the records' own budget: their dists, any schema
         tokens = (expected_accepted(records.dists.double()) + 1)[torch.arange(n), depths - 1]
-        sizes = tree_tokens(records.t_max, records.k, [max(records.budget, 1)])[:, 0]
-        return _summary(tokens, cost.cycle_times(depths, sizes[depths - 1], controller=charged))
+        return _summary(tokens, depth_times(cost, records.t_max, records.k, records.budget, charged)[depths - 1])
     table = joint_table(records, cost, [budget], controller=charged)
     tok, time = table.at(depths, torch.zeros(n, dtype=torch.long))
     return _summary(tok, time)

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from radar.serve.app import build_app
-from radar.serve.config import ServeConfig
+from serve_helpers import two_apps
 
 pytestmark = pytest.mark.slow
 
@@ -43,39 +39,12 @@ class Server:
         return httpx.get(self.url + path, timeout=60, **kw)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_pair, ray_session, tmp_path_factory):
-    from ray import serve
-
-    from radar.controller.policy import ControllerConfig, LSTMController
-
-    target, draft = tiny_pair
-    controller = tmp_path_factory.mktemp("serve") / "controller"
-    torch.manual_seed(0)
-    LSTMController(ControllerConfig(input_size=2, hidden_size=16, mlp_hidden=16)).save(controller)  # the CPU tree: branching 2
-    port = _free_port()
-    common = dict(model=str(target), draft=str(draft), controller=str(controller), model_name="tiny", num_cpus=0.5,
-                  port=port)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        # The keyed app deploys in the background while the main one starts (two replica processes at once).
-        keyed = ServeConfig(**common, api_key=KEY, timeout_s=0.05, route_prefix="/keyed")
-        serve._run(build_app(keyed), _blocking=False, name="keyed", route_prefix="/keyed")
-        serve.run(build_app(ServeConfig(**common, api_key="", timeout_s=60)), name="main", route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while httpx.get(url + "/keyed/health", timeout=10).status_code != 200:
-            assert time.time() < deadline, "the keyed app did not come up"
-            time.sleep(0.5)
-        yield Server(url, target, draft, controller)
-    finally:
-        serve.shutdown()  # Serve only: the Ray session stays up for other tests
+    keyed = dict(api_key=KEY, timeout_s=0.05)  # the side app: a key, and a timeout too short for any decode
+    with two_apps(tiny_pair, tmp_path_factory.mktemp("serve"), dict(api_key="", timeout_s=60), keyed,
+                  "/keyed") as (url, _, controller):
+        yield Server(url, *tiny_pair, controller)
 
 
 def complete(server: Server, **body) -> dict:
@@ -169,7 +138,8 @@ def test_stop_string_truncates_streamed_and_not(server):
     body = complete(server, stop=[stop, "never-in-the-output"])
     assert body["choices"][0] == {"index": 0, "text": full[:cut], "logprobs": None, "finish_reason": "stop"}
     assert 0 < body["usage"]["completion_tokens"] < N
-    assert body["speculation"]["generated_tokens"] == N
+    # Not streamed either, the decode stops at the stop string (within a cycle) instead of running to max_tokens.
+    assert body["usage"]["completion_tokens"] <= body["speculation"]["generated_tokens"] < N
     events = stream_events(server.post("/v1/completions", json={
         "prompt": PROMPT, "max_tokens": N, "temperature": 0, "stop": stop, "stream": True}))
     assert "".join(c["text"] for e in events for c in e["choices"]) == full[:cut]
@@ -284,7 +254,8 @@ BAD = [
     ("prompt empty", {"prompt": ""}, 400, ["prompt"]),
     ("prompt blank", {"prompt": "   "}, 400, ["empty"]),
     ("max_tokens negative", {"prompt": "x", "max_tokens": -5}, 400, ["max_tokens", "greater than or equal to 1"]),
-    ("max_tokens huge", {"prompt": "x", "max_tokens": 10**9}, 400, ["max_tokens", "less than or equal to 4096"]),
+    ("max_tokens past the context", {"prompt": "x", "max_tokens": 10**9}, 400, ["max_tokens", "context is 1024",
+                                                                                 "at most 1022"]),
     ("max_tokens as string", {"prompt": "x", "max_tokens": "10"}, 400, ["max_tokens", "integer"]),
     ("temperature too high", {"prompt": "x", "temperature": 2.5}, 400, ["temperature"]),
     ("top_p zero", {"prompt": "x", "top_p": 0}, 400, ["top_p", "greater than 0"]),
@@ -293,6 +264,15 @@ BAD = [
     ("bad speculation", {"prompt": "x", "speculation": "eagle"}, 400, ["speculation", "radar", "tree:D"]),
     ("tree too deep", {"prompt": "x", "speculation": "tree:99"}, 400, ["speculation", "16"]),
     ("unknown model", {"prompt": "x", "model": "gpt-4"}, 404, ["gpt-4", "tiny"]),
+    ("stop too long", {"prompt": "x", "stop": ["y" * 257]}, 400, ["stop", "at most 256 characters"]),
+    ("penalty", {"prompt": "x", "presence_penalty": 0.5}, 400, ["presence_penalty", "not supported"]),
+    ("logit_bias", {"prompt": "x", "logit_bias": {"5": 10}}, 400, ["logit_bias", "not supported"]),
+    ("suffix", {"prompt": "x", "suffix": "end"}, 400, ["suffix", "not supported"]),
+    ("best_of", {"prompt": "x", "best_of": 3}, 400, ["best_of"]),
+    ("logprobs too many", {"prompt": "x", "logprobs": 21}, 400, ["logprobs", "20"]),
+    ("logprobs streamed", {"prompt": "x", "logprobs": 2, "stream": True}, 400, ["logprobs", "stream"]),
+    ("echo with logprobs", {"prompt": "x", "logprobs": 1, "echo": True}, 400, ["echo", "logprobs"]),
+    ("unknown field", {"prompt": "x", "frobnicate": 1}, 400, ["frobnicate"]),
 ]
 
 
@@ -329,8 +309,10 @@ def test_api_key_is_required_except_for_health_and_timeouts_are_504(server):
     assert_error(httpx.get(keyed + "/metrics"), 401)
     auth = {"Authorization": f"Bearer {KEY}"}
     assert httpx.get(keyed + "/v1/models", headers=auth).json()["data"][0]["id"] == "tiny"
+    # The scheme is case-insensitive (RFC 9110): "bearer" works as well as "Bearer".
+    assert httpx.get(keyed + "/v1/models", headers={"Authorization": f"bearer {KEY}"}).status_code == 200
     # 50 ms is far too little for 1000 tokens: 504, and the decode is abandoned.
     r = httpx.post(keyed + "/v1/completions", headers=auth, timeout=60,
-                   json={"prompt": PROMPT, "max_tokens": 1000, "temperature": 0, "speculation": "off"})
+                   json={"prompt": PROMPT, "max_tokens": 900, "temperature": 0, "speculation": "off"})
     assert assert_error(r, 504, "timeout")["code"] == "timeout"
     assert "radar_timeouts_total 1.0" in httpx.get(keyed + "/metrics", headers=auth).text

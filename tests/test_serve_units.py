@@ -120,6 +120,7 @@ def test_radar_serve_cli_builds_the_config_from_file_and_flags(monkeypatch, tmp_
     monkeypatch.setattr("ray.is_initialized", lambda: True)
     monkeypatch.setattr("ray.shutdown", lambda: None)
     monkeypatch.setattr("ray.serve.shutdown", lambda: None)
+    monkeypatch.setattr("ray.serve.delete", lambda name: None)
     (tmp_path / "serve.yaml").write_text(SERVE_CONFIG.read_text())
     target, draft = tiny_pair
     result = CliRunner().invoke(cli.app, ["serve", "--config", str(tmp_path / "serve.yaml"), "--model", str(target),
@@ -158,3 +159,28 @@ def test_radar_serve_refuses_a_controller_without_a_draft(tiny_pair, tmp_path):
     target, _ = tiny_pair
     result = CliRunner().invoke(cli.app, ["serve", "--model", str(target), "--controller", str(tmp_path)])
     assert result.exit_code == 2 and "--controller needs a draft model" in result.stderr
+
+
+@pytest.mark.parametrize("address", [None, "ray://head:10001"])
+def test_radar_serve_starts_its_own_ray_unless_given_a_cluster_and_removes_only_its_app(monkeypatch, tiny_pair,
+                                                                                       address):
+    import radar.cli.app as cli
+    import radar.cli.serve as cli_serve
+    import radar.serve.app as serve_app
+
+    calls = []  # Ray's lifecycle calls, recorded instead of made: this is about which ones, not Ray itself
+    monkeypatch.setattr(serve_app, "run", lambda cfg: "http://127.0.0.1:9")
+    monkeypatch.setattr(cli_serve, "wait_for_interrupt", lambda: None)
+    monkeypatch.setattr("ray.is_initialized", lambda: False)
+    monkeypatch.setattr("ray.init", lambda **kw: calls.append(("init", kw["address"])))
+    monkeypatch.setattr("ray.shutdown", lambda: calls.append(("ray.shutdown",)))
+    monkeypatch.setattr("ray.serve.shutdown", lambda: calls.append(("serve.shutdown",)))
+    monkeypatch.setattr("ray.serve.delete", lambda name: calls.append(("serve.delete", name)))
+    target, draft = tiny_pair
+    args = ["serve", "--model", str(target), "--draft", str(draft)] + (["--address", address] if address else [])
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    if address is None:
+        assert calls == [("init", "local"), ("serve.shutdown",), ("ray.shutdown",)]
+    else:
+        assert calls == [("init", address), ("serve.delete", "radar"), ("ray.shutdown",)]

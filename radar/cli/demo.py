@@ -5,10 +5,8 @@ from __future__ import annotations
 import sys
 import traceback
 from pathlib import Path
-from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from radar.cli import options as opt

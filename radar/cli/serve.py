@@ -66,6 +66,9 @@ def serve(
     device: Optional[str] = typer.Option(None, help="auto (CUDA if present, else CPU), cpu or cuda[:N]"),
     dtype: Optional[str] = typer.Option(None, "--precision", "--dtype", help="The target's precision: auto, gguf, "
                                         "float32, bfloat16 or float16 (see radar generate --help). Default: auto."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to deploy on (e.g. ray://head:10001 or auto); "
+                                          "on exit only this app is deleted from it. Default: a Ray instance of "
+                                          "its own, whatever RAY_ADDRESS says."),
 ) -> None:
     """Serve the decoder behind an OpenAI-compatible HTTP API (Ray Serve), in the foreground; Ctrl-C stops it."""
     from radar.serve.config import config_fields_from_file
@@ -77,11 +80,12 @@ def serve(
                  "dtype": dtype}
         fields.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
         cfg = serve_config(fields)
-    run_in_foreground(cfg)
+    run_in_foreground(cfg, address)
 
 
-def run_in_foreground(cfg) -> None:
-    """Start Ray and the app, print how to call it, and keep serving until Ctrl-C or SIGTERM."""
+def run_in_foreground(cfg, address: str | None = None) -> None:
+    """Start Ray (its own instance, unless given a cluster's `address`) and the app, print how to call it, and keep
+    serving until Ctrl-C or SIGTERM; on the way out remove what it started and nothing else."""
     import ray
     from ray import serve as ray_serve
 
@@ -90,8 +94,10 @@ def run_in_foreground(cfg) -> None:
     def stop(signum, frame):  # `kill` or a process manager stops it as cleanly as Ctrl-C
         raise KeyboardInterrupt
 
+    owned = not ray.is_initialized() and address is None  # a Ray instance nobody else uses: ours to stop
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        # "local" starts a fresh instance even where RAY_ADDRESS names a cluster: never join one unasked.
+        ray.init(address=address or "local", runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs its own (logging) SIGTERM handler
     try:
         try:
@@ -113,5 +119,8 @@ def run_in_foreground(cfg) -> None:
     except KeyboardInterrupt:
         say("stopping")
     finally:
-        ray_serve.shutdown()
-        ray.shutdown()
+        if owned:
+            ray_serve.shutdown()
+        else:  # a cluster shared with others: delete our app only, leave Serve and every other app running
+            ray_serve.delete(cfg.app_name)
+        ray.shutdown()  # disconnects from a cluster; stops only an instance this process started

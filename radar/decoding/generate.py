@@ -16,7 +16,7 @@ from radar.decoding.drafters import Drafter
 from radar.decoding.model import Transformer
 from radar.decoding.session import DecodeSession, GenerationResult, OnCommit, Speculation
 from radar.decoding.stop import StopPolicy
-from radar.decoding.tree import TreeConfig, build_tree
+from radar.decoding.tree import TreeConfig, build_tree, empty_tree
 from radar.decoding.verify import Sampling, next_token, prefill, walk
 
 
@@ -28,16 +28,17 @@ def generate_ar(
     max_new_tokens: int = 128,
     generator: torch.Generator | None = None,
     on_commit: OnCommit | None = None,
+    logprobs: int | None = None,
 ) -> GenerationResult:
     """Plain autoregressive decoding: one target call per token."""
-    session = DecodeSession(target, prompt_ids, max_new_tokens, on_commit)
+    session = DecodeSession(target, prompt_ids, max_new_tokens, on_commit, logprobs)
     cache = target.new_cache(session.max_len)
     pending = prefill(target, cache, torch.tensor(prompt_ids, device=target.device))
     logits = target(pending[None], cache=cache)[0, -1]
     while True:
         session.stats.target_calls += 1
         token = next_token(logits, sampling, generator)
-        if not session.commit([token]):
+        if not session.commit([token], logits[None]):
             return session.result()
         logits = target(torch.tensor([[token]], device=target.device), cache=cache)[0, -1]
 
@@ -53,21 +54,27 @@ def generate_speculative(
     max_new_tokens: int = 128,
     generator: torch.Generator | None = None,
     on_commit: OnCommit | None = None,
+    logprobs: int | None = None,
 ) -> GenerationResult:
-    """Speculative decoding with a dynamic draft tree; `policy` decides how many draft calls each cycle makes."""
+    """Speculative decoding with a dynamic draft tree; `policy` decides how many draft calls each cycle makes;
+    `logprobs` as in `GenerationResult`."""
     if tree_cfg.branching > drafter.vocab_size:
         raise ValueError(f"tree branching {tree_cfg.branching} exceeds the draft vocabulary ({drafter.vocab_size} tokens)")
-    session = DecodeSession(target, prompt_ids, max_new_tokens, on_commit)
+    session = DecodeSession(target, prompt_ids, max_new_tokens, on_commit, logprobs)
     spec = Speculation(target, drafter, prompt_ids, session.max_len + tree_cfg.max_nodes + 1)
     while True:
         start = time.perf_counter()
         root_pos = session.root_position
         policy.reset()
-        tree = build_tree(drafter, spec.draft_pending, root_pos, tree_cfg, policy)
+        # A load-aware policy may skip drafting for a cycle (a busy batch): then the root alone is verified.
+        drafting = not getattr(policy, "skip_draft", bool)()
+        tree = build_tree(drafter, spec.draft_pending, root_pos, tree_cfg, policy) if drafting else empty_tree(
+            drafter.length, spec.draft_pending.device)
 
         logits, base = spec.verify(tree, root_pos)
         path, bonus = walk(tree, logits, sampling, generator)  # reads the logits back: the device is done here
-        new = spec.commit(tree, path, base, bonus)
+        new = spec.commit(tree, path, base, bonus) if drafting else spec.commit_undrafted(base, bonus)
         session.stats.count_cycle(len(new), tree.draft_calls, len(tree), time.perf_counter() - start)
-        if not session.commit(new):
+        rows = logits[[0] + [1 + i for i in path]] if logprobs is not None else None  # what predicted each
+        if not session.commit(new, rows):
             return session.result()

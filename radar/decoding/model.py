@@ -196,19 +196,24 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(self, x, cos, sin, mask, layer_cache: tuple[torch.Tensor, torch.Tensor] | None, start: int):
+        """`mask` may instead be a callable (xq, xk, xv) -> output that attends itself (radar.decoding.packed)."""
         b, q, _ = x.shape
         xq = self.q_proj(x).view(b, q, self.n_heads, self.head_dim).transpose(1, 2)
         xk = self.k_proj(x).view(b, q, self.n_kv, self.head_dim).transpose(1, 2)
         xv = self.v_proj(x).view(b, q, self.n_kv, self.head_dim).transpose(1, 2)
         xq, xk = apply_rope(xq, cos, sin), apply_rope(xk, cos, sin)
-        if layer_cache is not None:
-            k_cache, v_cache = layer_cache
-            k_cache[:, :, start : start + q] = xk
-            v_cache[:, :, start : start + q] = xv
-            xk, xv = k_cache[:, :, : start + q], v_cache[:, :, : start + q]
-        gqa = self.n_kv != self.n_heads  # in the cache's precision (see KVCache), then back to the model's
-        out = F.scaled_dot_product_attention(xq.to(xk.dtype), xk, xv, attn_mask=mask, enable_gqa=gqa).to(x.dtype)
-        return self.o_proj(out.transpose(1, 2).reshape(b, q, -1))
+        out = mask(xq, xk, xv) if callable(mask) else attend(xq, xk, xv, mask, layer_cache, start)
+        return self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(b, q, -1))
+
+
+def attend(xq, xk, xv, mask, layer_cache: tuple[torch.Tensor, torch.Tensor] | None, start: int) -> torch.Tensor:
+    """Attention of new queries (B, H, Q, D) over the cached slots [0, start) and the new keys, which it caches."""
+    if layer_cache is not None:
+        (k_cache, v_cache), end = layer_cache, start + xk.shape[2]
+        k_cache[:, :, start:end], v_cache[:, :, start:end] = xk, xv
+        xk, xv = k_cache[:, :, :end], v_cache[:, :, :end]
+    gqa = xk.shape[1] != xq.shape[1]  # in the cache's precision (see KVCache); the caller casts back
+    return F.scaled_dot_product_attention(xq.to(xk.dtype), xk, xv, attn_mask=mask, enable_gqa=gqa)
 
 
 class MLP(nn.Module):
@@ -266,8 +271,7 @@ class KVCache:
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.length = 0
+        self.max_len, self.length = max_len, 0
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]
@@ -351,9 +355,7 @@ class Transformer(nn.Module):
             capture.hidden = torch.cat([kept[i] for i in capture.layers], dim=-1)
         if cache is not None:
             cache.length = start + q
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
+        return self.lm_head(self.model.norm(x[:, -1:] if last_only else x))
 
     # --------------------------------------------------------------------------------------- HF checkpoints
 
@@ -362,8 +364,7 @@ class Transformer(nn.Module):
         """Load a Hugging Face Llama-family checkpoint directory (config.json + safetensors, sharded or not)."""
         from safetensors.torch import load_file
 
-        cfg = ModelConfig.from_hf(load_hf_config(path))
-        path = Path(path)
+        cfg, path = ModelConfig.from_hf(load_hf_config(path)), Path(path)
         index = path / "model.safetensors.index.json"
         if index.exists():
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -395,8 +396,7 @@ class Transformer(nn.Module):
         """Write config.json and model.safetensors in the layout transformers reads."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        (path := Path(path)).mkdir(parents=True, exist_ok=True)
         hf = self.config.to_hf()
         hf.architectures = ["Qwen2ForCausalLM" if self.config.model_type == "qwen2" else "LlamaForCausalLM"]
         hf.save_pretrained(path)
@@ -410,8 +410,7 @@ def load_hf_config(path: str | Path):
     """Read a checkpoint's config.json through transformers, with a clear error for anything unusable."""
     from transformers import AutoConfig
 
-    path = Path(path)
-    if not path.is_dir():
+    if not (path := Path(path)).is_dir():
         raise ModelLoadError(f"model directory not found: {path}")
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{path} has no config.json: not a Hugging Face checkpoint directory")

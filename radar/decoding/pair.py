@@ -126,7 +126,25 @@ class ModelPair:
         """A fresh drafter over the loaded draft (one per request: it holds that sequence's state)."""
         if self.draft is None:
             raise ValueError("no draft model loaded (--draft PATH)")
-        return Eagle3Drafter(self.draft) if isinstance(self.draft, Eagle3Head) else SmallLMDrafter(self.draft)
+        head = isinstance(getattr(self.draft, "wrapped", self.draft), Eagle3Head)  # a BatchedModel wraps one
+        return Eagle3Drafter(self.draft) if head else SmallLMDrafter(self.draft)
+
+    def stop_rule(self, method: Method, sampling: Sampling, seed: int) -> StopPolicy:
+        """A fresh stop policy for a speculative `method` (it holds one request's state)."""
+        if self.draft is None:
+            raise ValueError(f"method {method} needs a draft model (--draft PATH)")
+        if method.kind == "radar":
+            if self.stop_policy is None:
+                raise ValueError("method radar needs a controller (--controller PATH)")
+            return self.stop_policy(seed, sampling)
+        return ThresholdPolicy(method.threshold) if method.kind == "threshold" else FixedDepth(method.depth)
+
+    def batched(self, rendezvous, guard: Callable[[], None] | None = None) -> "ModelPair":
+        """This pair with its models' calls batched through `rendezvous` (radar.decoding.batching)."""
+        from radar.decoding.batching import BatchedModel
+
+        draft = BatchedModel(self.draft, rendezvous, guard) if self.draft is not None else None
+        return replace(self, target=BatchedModel(self.target, rendezvous, guard), draft=draft)
 
     def encode(self, prompt: str, special_tokens: bool = True) -> list[int]:
         """Token ids of raw text, with the tokenizer's special tokens (BOS) where it adds them."""
@@ -153,30 +171,25 @@ class ModelPair:
         seed: int = 0,
         policy: StopPolicy | None = None,
         on_commit: OnCommit | None = None,
+        logprobs: int | None = None,
     ) -> GenerationResult:
         """Decode with `ar`, `chain:D`, `tree:D`, `threshold:P` or `radar`; `policy` overrides the method's stop rule;
-        `on_commit(tokens)` sees every step's committed tokens as they come (return False to stop)."""
+        `on_commit(tokens)` sees every step's committed tokens as they come (return False to stop); `logprobs=n`
+        reports each token's log-prob and the n likeliest alternatives (`GenerationResult.logprobs`)."""
         method = Method.parse(method) if isinstance(method, str) else method
         generator = torch.Generator(self.target.device).manual_seed(seed)
         if method.kind == "ar":
-            return generate_ar(self.target, prompt_ids, sampling, max_new_tokens, generator, on_commit)
-        if self.draft is None:
-            raise ValueError(f"method {method} needs a draft model (--draft PATH)")
-        if method.kind == "radar":
-            if policy is None and self.stop_policy is None:
-                raise ValueError("method radar needs a controller (--controller PATH)")
-            cfg, policy = self.tree, policy or self.stop_policy(seed, sampling)
-        elif method.kind == "threshold":
-            cfg, policy = replace(self.tree, total_tokens=method.budget or self.tree.total_tokens), \
-                policy or ThresholdPolicy(method.threshold)
+            return generate_ar(self.target, prompt_ids, sampling, max_new_tokens, generator, on_commit, logprobs)
+        policy = policy or self.stop_rule(method, sampling, seed)
+        if method.kind in ("radar", "threshold"):
+            cfg = replace(self.tree, total_tokens=method.budget or self.tree.total_tokens)
         elif method.kind == "chain":
             cfg = TreeConfig(branching=1, max_calls=method.depth, total_tokens=method.depth)
         else:
             cfg = replace(self.tree, max_calls=method.depth, total_tokens=method.budget or self.tree.total_tokens)
-        policy = policy or FixedDepth(method.depth)
         return generate_speculative(
             self.target, self.drafter(), prompt_ids, cfg, policy, sampling, max_new_tokens, generator,
-            on_commit,
+            on_commit, logprobs,
         )
 
 

@@ -78,6 +78,9 @@ class GenerationResult:
 
     token_ids: list[int]  # new tokens only
     stats: GenerationStats
+    # Asked for (`logprobs=n`): per new token, its log-prob under the target's distribution (temperature 1) and the
+    # n likeliest tokens with theirs. The target computes these logits anyway, so they cost a log-softmax.
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 def token_budget(context: int, prompt_len: int, max_new_tokens: int) -> tuple[int, str]:
@@ -103,7 +106,8 @@ class DecodeSession:
     """The committed tokens of one request and when decoding ends; the wall clock starts when it is made."""
 
     def __init__(
-        self, target: Transformer, prompt_ids: list[int], max_new_tokens: int, on_commit: OnCommit | None = None
+        self, target: Transformer, prompt_ids: list[int], max_new_tokens: int, on_commit: OnCommit | None = None,
+        logprobs: int | None = None,
     ):
         self.prompt_ids = prompt_ids
         self.budget, self.budget_reason = token_budget(
@@ -115,6 +119,8 @@ class DecodeSession:
         self.tokens: list[int] = []  # new tokens only
         self.finish_reason: str | None = None
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.top_logprobs = logprobs
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] | None = [] if logprobs is not None else None
         self.start = time.perf_counter()
 
     @property
@@ -127,9 +133,10 @@ class DecodeSession:
         """Position of the newest committed token (the root of the next speculative cycle)."""
         return len(self.prompt_ids) + len(self.tokens) - 1
 
-    def commit(self, new: list[int]) -> bool:
+    def commit(self, new: list[int], logits: torch.Tensor | None = None) -> bool:
         """Append `new` up to the first EOS or the budget and hand what was kept to `on_commit`; False once
-        decoding is over (`finish_reason` then says why)."""
+        decoding is over (`finish_reason` then says why). `logits` (len(new), V): the target's rows that
+        predicted them, read when logprobs were asked for."""
         n_before, reason = len(self.tokens), None
         for t in new:
             if len(self.tokens) == self.budget:
@@ -141,10 +148,20 @@ class DecodeSession:
         if reason is None and len(self.tokens) == self.budget:
             reason = self.budget_reason
         kept = self.tokens[n_before:]
+        if self.logprobs is not None and kept:
+            self._record_logprobs(kept, logits[: len(kept)])
         if self.on_commit is not None and kept and self.on_commit(kept) is False:
             reason = reason or "stop"
         self.finish_reason = reason
         return reason is None
+
+    def _record_logprobs(self, tokens: list[int], logits: torch.Tensor) -> None:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        chosen = logp[torch.arange(len(tokens)), torch.tensor(tokens, device=logp.device)].tolist()
+        top = logp.topk(self.top_logprobs, dim=-1) if self.top_logprobs else None
+        for i, lp in enumerate(chosen):
+            alts = list(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else []
+            self.logprobs.append((lp, alts))
 
     def result(self) -> GenerationResult:
         """The generation so far, with the wall time measured once the device is done."""
@@ -152,7 +169,7 @@ class DecodeSession:
         self.stats.wall_s = time.perf_counter() - self.start
         self.stats.new_tokens = len(self.tokens)
         self.stats.finish_reason = self.finish_reason or "length"
-        return GenerationResult(self.tokens, self.stats)
+        return GenerationResult(self.tokens, self.stats, self.logprobs)
 
 
 class Speculation:
@@ -174,6 +191,16 @@ class Speculation:
     def verify(self, tree: DraftTree, root_pos: int) -> tuple[torch.Tensor, int]:
         """The target's logits over the pending tokens and `tree` (see `verify_tree`), and the tree's first slot."""
         return verify_tree(self.target, self.cache, self.target_pending, tree, root_pos, self.capture)
+
+    def commit_undrafted(self, base: int, bonus: int) -> list[int]:
+        """Commit a cycle that verified the root alone (no draft calls): the drafter has seen none of it, so the
+        bonus joins the tokens it is still to be fed."""
+        self.cache.keep(base, [])
+        if self.capture is not None:
+            self.drafter.observe_target(committed_features(self.capture, self.target_pending.numel(), []))
+        bonus_t = torch.tensor([bonus], device=self.target_pending.device)
+        self.target_pending, self.draft_pending = bonus_t, torch.cat((self.draft_pending, bonus_t))
+        return [bonus]
 
     def commit(self, tree: DraftTree, path: list[int], base: int, bonus: int) -> list[int]:
         """Keep the accepted `path` (tree node indices) in both caches; returns the committed tokens."""

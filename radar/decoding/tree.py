@@ -167,4 +167,14 @@ def build_tree(
     choose = getattr(policy, "choose_budget", None)
     if choose is not None:
         budget = choose(pool.draft_calls, pool.scores[pool.depths == pool.draft_calls]) or budget
+    cap = getattr(policy, "cap_budget", None)  # a load-aware policy may verify fewer (radar.decoding.batching)
+    if cap is not None:
+        budget = cap(torch.sort(pool.scores, descending=True).values, budget)
     return select_tree(pool, budget)
+
+
+def empty_tree(draft_base: int, device: torch.device) -> DraftTree:
+    """A tree of no nodes: a cycle that verifies the root alone (one token, as autoregression does)."""
+    none = torch.empty(0, dtype=torch.long, device=device)
+    return DraftTree(none, none, none, none.float(), torch.empty(0, 0, dtype=torch.bool, device=device), [],
+                     draft_base, 0)

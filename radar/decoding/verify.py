@@ -50,6 +50,7 @@ def target_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
         drop = sorted_p.cumsum(-1) - sorted_p >= sampling.top_p
+        drop[..., 0] = False  # a top_p that float32 rounds to 0 (1e-300) still keeps the likeliest token
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
         probs = probs / probs.sum(-1, keepdim=True)
     return probs

@@ -29,6 +29,11 @@ def build_app(config: ServeConfig | dict | None = None) -> Application:
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
         max_constructor_retry_count=cfg.max_constructor_retry_count,
+        health_check_period_s=10.0,
+        # Shutdown drains: Serve stops routing to the replica and waits for the requests in flight, each of which
+        # ends within timeout_s.
+        graceful_shutdown_timeout_s=cfg.timeout_s + 5.0,
+        graceful_shutdown_wait_loop_s=1.0,
     ).bind(cfg)
 
 
@@ -39,7 +44,8 @@ def app_builder(args: dict) -> Application:
 
 def run(cfg: ServeConfig) -> str:
     """Start Serve's HTTP proxy on cfg.host:cfg.port and deploy the app; returns its base URL."""
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    # The proxy's own deadline, a little past the replica's (which answers 504 in OpenAI's shape first).
+    serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.timeout_s + 5.0})
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
 

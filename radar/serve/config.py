@@ -30,7 +30,13 @@ class ServeConfig(BaseModel):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     torch_threads: int | None = Field(None, ge=1, description="Intra-op threads; default: the replica's CPUs.")
-    max_ongoing_requests: int = Field(32, ge=1, description="Requests inside one replica (queued or decoding).")
+    max_batch_size: int = Field(16, ge=1, description="Requests decoding together in one replica (1: FIFO).")
+    max_queue: int = Field(64, ge=0, description="Requests waiting for a batch seat; beyond, 429 at once.")
+    load_aware: bool = Field(True, description="Shrink speculation trees as the batch grows (measured curve).")
+    body_timeout_s: float = Field(10.0, gt=0, description="Deadline to upload a request body -> 408.")
+    stuck_s: float = Field(60.0, gt=0, description="A batch without progress this long fails the health check.")
+    # Above max_batch_size + max_queue, so the replica's own 429 answers overload, and /health still gets in.
+    max_ongoing_requests: int = Field(100, ge=1, description="Requests Serve lets into one replica at once.")
     max_queued_requests: int = Field(256, ge=-1, description="Requests waiting in Serve's router (-1 = no limit).")
     max_constructor_retry_count: int = Field(3, ge=1, description="Replica start attempts (a bad path never heals).")
     route_prefix: str = "/"

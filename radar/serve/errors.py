@@ -13,14 +13,14 @@ class APIError(Exception):
     """An error answered as OpenAI-style JSON with an HTTP status."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None):
+                 code: str | None = None, param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers or {}
         self.body = ErrorResponse(error=ErrorBody(message=message, type=type, code=code, param=param))
 
     def response(self, headers: dict | None = None) -> JSONResponse:
         """The error as an HTTP response."""
-        return JSONResponse(self.body.model_dump(), status_code=self.status, headers=headers)
+        return JSONResponse(self.body.model_dump(), status_code=self.status, headers={**self.headers, **(headers or {})})
 
 
 def validation_message(exc: ValidationError) -> tuple[str, str | None]:

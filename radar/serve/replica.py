@@ -20,7 +20,6 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
@@ -35,9 +34,9 @@ from radar.serve.errors import APIError, api_error_handler, validation_message
 from radar.serve.guard import Guard, route_error_handler
 from radar.serve.metrics import Metrics
 from radar.serve.protocol import (
+    DEFAULT_MAX_TOKENS,
     MAX_TREE_DEPTH,
     SSE_DONE,
-    AcceptLengths,
     ChatChoice,
     ChatChoiceMessage,
     ChatChunkChoice,
@@ -54,12 +53,11 @@ from radar.serve.protocol import (
     ModelList,
     Speculation,
     SpeculationChoices,
-    Usage,
     parse_speculation,
-    speculation_name,
     sse,
 )
-from radar.serve.streaming import Detokenizer, cut_at_stop, tokens_covering
+from radar.serve.responses import Outcome, chat_logprobs, completion_logprobs, outcome
+from radar.serve.streaming import Detokenizer
 from radar.serve.worker import Commits, DecodeWorker, Job
 
 if TYPE_CHECKING:
@@ -86,16 +84,6 @@ def json_response(body: BaseModel) -> JSONResponse:
     return JSONResponse(body.model_dump(mode="json"))
 
 
-@dataclass
-class Outcome:
-    """A finished request: the text to return and everything the response reports."""
-
-    text: str
-    finish_reason: str
-    usage: Usage
-    speculation: Speculation
-
-
 class RadarServer:
     """One replica: the decoder, its worker thread, its metrics and its FastAPI app (deployed by radar.serve.app)."""
 
@@ -113,9 +101,22 @@ class RadarServer:
             log.warning("no draft model: default speculation off")
         self.context = self.pair.target.config.max_position_embeddings
         self.metrics = Metrics()
-        self.worker = DecodeWorker(self.pair, threads, cfg.timeout_s, self.metrics)
+        self.worker = DecodeWorker(self.pair, threads, cfg.timeout_s, self.metrics, max_batch=cfg.max_batch_size,
+                                   max_queue=cfg.max_queue, load_aware=cfg.load_aware)
         self.created = int(time.time())
         log.info("radar replica ready: model %s, default speculation %s", self.model_name, self.speculation)
+
+    def check_health(self) -> None:
+        """Serve's health probe: a replica whose batch has made no progress for `stuck_s` is restarted."""
+        stalled = self.worker.stalled_s()
+        if stalled > self.cfg.stuck_s:
+            raise RuntimeError(f"the decode batch has made no progress for {stalled:.0f}s")
+
+    def __del__(self) -> None:
+        # Serve stops sending requests, waits up to graceful_shutdown_timeout_s for those in flight, then this.
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.shutdown()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """The replica's ASGI app (Serve calls this after the constructor, see `serve.ingress`)."""
@@ -128,7 +129,8 @@ class RadarServer:
         api.add_exception_handler(APIError, api_error_handler)
         api.add_exception_handler(HTTPException, route_error_handler)
         api.add_middleware(Guard, routes=frozenset(path for _, path, _ in routes), api_key=self.cfg.api_key or None,
-                           max_body_bytes=self.cfg.max_body_bytes, count=self.metrics.count_request)
+                           max_body_bytes=self.cfg.max_body_bytes, count=self.metrics.count_request,
+                           body_timeout_s=self.cfg.body_timeout_s)
         return api
 
     # ---- routes ----
@@ -146,6 +148,7 @@ class RadarServer:
 
     async def prometheus(self) -> PlainTextResponse:
         """Prometheus text exposition of this replica's metrics."""
+        self.metrics.batch_size.set(self.worker.rendezvous.members)
         return PlainTextResponse(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def completions(self, request: Request) -> JSONResponse | StreamingResponse:
@@ -172,6 +175,13 @@ class RadarServer:
         except ValidationError as exc:
             message, param = validation_message(exc)
             raise APIError(400, message, code="invalid_value", param=param) from None
+        refused = req.refused()
+        if refused is None and req.stream and req.top_logprobs_count is not None:
+            refused = ("logprobs", "logprobs are not streamed by this server; ask without stream")
+        if refused is None and getattr(req, "echo", False) and req.top_logprobs_count is not None:
+            refused = ("echo", "echo with logprobs would need the prompt's logprobs, which this server does not return")
+        if refused is not None:
+            raise APIError(400, refused[1], code="unsupported_parameter", param=refused[0])
         if req.model is not None and req.model != self.model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
                            code="model_not_found", param="model")
@@ -180,12 +190,25 @@ class RadarServer:
     async def _encode(self, encode: Callable[[], list[int]]) -> list[int]:
         try:  # in a helper thread: a long prompt must not stall the event loop (or queue behind a decode)
             ids = await asyncio.to_thread(encode)
-        except ValueError as exc:
+        except ValueError as exc:  # an empty prompt, a chat template refusing the messages
             raise APIError(400, str(exc), code="invalid_value") from None
         if len(ids) >= self.context:
             raise APIError(400, f"the prompt is {len(ids)} tokens; the model's context is {self.context} tokens "
                                 "(prompt plus at least one new token)", code="context_length_exceeded")
         return ids
+
+    def _max_tokens(self, req: Req, prompt_tokens: int) -> int:
+        """The tokens to generate: what the request asks if the context has room for it (else 400), or the
+        default cut to what the context leaves."""
+        room, asked = self.context - prompt_tokens, req.requested_tokens
+        if asked is None:
+            return min(DEFAULT_MAX_TOKENS, room)
+        if asked > room:
+            name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+            raise APIError(400, f"the prompt is {prompt_tokens} tokens and {name} is {asked}, but the model's "
+                                f"context is {self.context} tokens: ask for at most {room}",
+                           code="context_length_exceeded", param=name)
+        return asked
 
     def _method(self, speculation: str | None) -> Method:
         name = speculation or self.speculation
@@ -195,12 +218,26 @@ class RadarServer:
                                 "use 'off'", code="speculation_unavailable", param="speculation")
         return method
 
+    @staticmethod
+    def _request_id(chat: bool) -> str:
+        """The response id: Serve's request id (its X-Request-Id response header) behind OpenAI's prefix."""
+        try:
+            from ray.serve.context import _get_serve_request_context
+
+            rid = _get_serve_request_context().request_id
+        except Exception:  # noqa: BLE001 - outside Serve (or a Serve without it): a fresh id
+            rid = ""
+        return ("chatcmpl-" if chat else "cmpl-") + (rid or uuid.uuid4().hex)
+
     async def _respond(self, req: Req, ids: list[int], t0: float, chat: bool) -> JSONResponse | StreamingResponse:
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little")
-        job = Job(ids, self._method(req.speculation), req.temperature, req.top_p, req.max_tokens, seed)
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        job = Job(ids, self._method(req.speculation), req.sampling_temperature, req.nucleus,
+                  self._max_tokens(req, len(ids)), seed, logprobs=req.top_logprobs_count)
+        rid = self._request_id(chat)
         if req.stream:
             return await self._start_stream(rid, req, job, t0, chat)
+        if req.stop_list:  # stop decoding where a stop string appears, not at max_tokens
+            job.on_commit = Detokenizer(self.pair.tokenizer, req.stop_list).push_stops
         self.metrics.in_flight.inc()
         try:
             result = await self.worker.run(job, t0)
@@ -208,36 +245,23 @@ class RadarServer:
             self.metrics.in_flight.dec()
         o = self._finish(req, job, result, t0)
         head = {"id": rid, "created": int(time.time()), "model": self.model_name}
+        n = req.top_logprobs_count
         if chat:
-            choice = ChatChoice(message=ChatChoiceMessage(content=o.text), finish_reason=o.finish_reason)
+            lp = chat_logprobs(self.pair.decode, result, o.tokens) if n is not None else None
+            choice = ChatChoice(message=ChatChoiceMessage(content=o.text), finish_reason=o.finish_reason, logprobs=lp)
             body = ChatCompletionResponse(**head, choices=[choice], usage=o.usage, speculation=o.speculation)
         else:
-            choice = CompletionChoice(text=o.text, finish_reason=o.finish_reason)
+            lp = completion_logprobs(self.pair.decode, result, o.tokens) if n is not None else None
+            text = (req.prompt if req.echo else "") + o.text
+            choice = CompletionChoice(text=text, finish_reason=o.finish_reason, logprobs=lp)
             body = CompletionResponse(**head, choices=[choice], usage=o.usage, speculation=o.speculation)
         return json_response(body)
 
     def _finish(self, req: Req, job: Job, result: GenerationResult, t0: float) -> Outcome:
         """The outcome of a finished decode (its text cut at the first stop string), recorded in the metrics."""
-        s, ids = result.stats, result.token_ids
-        text = self.pair.decode(ids)
-        cut = cut_at_stop(text, req.stop_list)
-        if cut is not None:
-            text, reason = text[:cut], "stop"
-            completion_tokens = tokens_covering(self.pair.decode, ids, text)
-        else:
-            reason, completion_tokens = ("stop" if s.finish_reason == "eos" else "length"), len(ids)
-        lengths = s.accept_lengths or [1] * s.target_calls  # off: one token per target call
-        accept = AcceptLengths(mean=round(sum(lengths) / max(len(lengths), 1), 4), min=min(lengths, default=0),
-                               max=max(lengths, default=0), cycles=len(lengths))
-        spec = Speculation(method=speculation_name(job.method), tau=round(s.tau, 4),
-                           draft_calls_per_cycle=round(s.mean_draft_calls, 4), accept_lengths=accept,
-                           target_calls=s.target_calls, generated_tokens=s.new_tokens, decode_s=round(s.wall_s, 4),
-                           queue_s=round(job.started - job.enqueued, 4))
-        prompt_tokens = len(job.prompt_ids)
-        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                      total_tokens=prompt_tokens + completion_tokens)
-        self.metrics.record(prompt_tokens, spec, time.perf_counter() - t0)
-        return Outcome(text, reason, usage, spec)
+        o = outcome(self.pair.decode, req.stop_list, job, result)
+        self.metrics.record(o.usage.prompt_tokens, o.speculation, time.perf_counter() - t0, result.stats)
+        return o
 
     # ---- streaming ----
 
@@ -250,7 +274,9 @@ class RadarServer:
         decode = asyncio.ensure_future(self.worker.run(job, t0))
         try:
             await commits.first(decode)
-        except Exception:
+        except BaseException:  # failed, or the client left before the first token: stop its decode too
+            job.cancelled.set()
+            decode.cancel()
             self.metrics.in_flight.dec()
             raise
         events = self._events(rid, req, job, t0, chat, decode, commits)
@@ -266,6 +292,8 @@ class RadarServer:
             if chat:
                 yield sse(ChatCompletionChunk(**head, choices=[ChatChunkChoice(delta=ChatDelta(role="assistant",
                                                                                               content=""))]))
+            elif req.echo:
+                yield sse(self._chunk(head, chat, req.prompt))
             detok = Detokenizer(self.pair.tokenizer, req.stop_list)
             async for ids in commits.until_done(decode):
                 piece = detok.push(ids)

@@ -2,8 +2,8 @@
 
 A stream sends text as soon as it is decoded: `Detokenizer` holds back an incomplete UTF-8 tail (the tokenizer's
 own `DecodeStream` does that) and any suffix that could be the start of a stop string, so the streamed pieces add
-up to exactly the text a non-streamed request returns. A non-streamed decode runs to max_tokens or EOS and its text
-is then cut at the first stop string (finish_reason "stop"); a streamed one stops decoding there.
+up to exactly the text a non-streamed request returns. Either kind stops decoding at the first stop string (the
+non-streamed one watches its commits on the decode thread) and its text is cut there (finish_reason "stop").
 `usage.completion_tokens` counts the tokens up to the cut, `speculation.generated_tokens` all decoded tokens.
 """
 
@@ -61,14 +61,24 @@ class Detokenizer:
     def _release(self, final: bool) -> str:
         if self.stopped:
             return ""
-        cut = cut_at_stop(self.text, self.stops)
+        # Only the unreleased text can hold a stop string: what was released never ended with a stop string's
+        # start. So each push scans what is new plus a tail shorter than the longest stop string (stop strings
+        # are bounded in length), never the whole text.
+        cut = cut_at_stop(self.text[self.sent:], self.stops)
         if cut is not None:
             self.stopped = True
-            end = max(cut, self.sent)
+            end = self.sent + cut
         elif final:
             end = len(self.text)
         else:  # keep back the longest tail that a stop string starts with
-            hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+            hold = max((k for s in self.stops for k in range(min(len(s) - 1, len(self.text) - self.sent), 0, -1)
+                        if self.text.endswith(s[:k])), default=0)
             end = max(len(self.text) - hold, self.sent)
         out, self.sent = self.text[self.sent:end], end
         return out
+
+    def push_stops(self, ids: list[int]) -> bool:
+        """`push` for a decode that streams nothing (non-streamed with stop strings): True while no stop string
+        has appeared."""
+        self.push(ids)
+        return not self.stopped

@@ -1,14 +1,17 @@
-"""The replica's decoder: one request at a time on one worker thread, with a deadline and cancellation.
+"""The replica's decoder: up to `max_batch` requests decode together (continuous batching), the rest wait in a
+bounded queue; a deadline and cancellation for each.
 
-The decoder is batch size 1 and its GPU/CPU work does not overlap, so two decodes at once would only slow both
-down; a one-thread executor (which is also the FIFO queue) keeps per-request latency predictable and
-tau/time-per-token meaningful, while the event loop stays free for /health and /metrics. Nothing is shared
-between requests: every request gets its own KV caches, drafter state, random generator and a fresh stop policy
-(`ModelPair.generate` builds one from the request's seed). Scale throughput with replicas, not concurrency.
+Each admitted request decodes on a thread of its own through `ModelPair.generate`, with its own KV caches,
+drafter state, random generator, stop policy and stop strings; their model calls meet in one
+`radar.decoding.batching.Rendezvous` and run as one packed forward per model, so requests join and leave between
+cycles and greedy output equals the single-request output. With `max_batch` 1 this is a FIFO of one decoder.
+Speculative requests get a `LoadAware` stop policy over the verification curve measured when the replica
+starts: their trees shrink as the batch grows (none at all when no node pays).
 
-The timeout covers the wait in the queue and the decode. On timeout the caller gets 504 and the request is
-cancelled: a forward pre-hook on the target and draft raises at the next model call, so a timed-out (or
-disconnected) request frees the decoder within one forward instead of running to the end.
+Admission: a request that finds `max_batch` decoding and `max_queue` waiting is refused at once with 429 (and a
+Retry-After), instead of waiting into its timeout. The timeout covers the wait and the decode; on timeout the
+caller gets 504 and the request is cancelled, like one whose client went away: its next model call raises, so it
+leaves the batch within one cycle.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from radar.decoding.batching import LoadAware, Rendezvous, measure_verify_curve
 from radar.decoding.methods import Method
 from radar.serve.errors import APIError
 from radar.serve.metrics import Metrics
@@ -31,12 +35,12 @@ if TYPE_CHECKING:
 
 
 class Cancelled(Exception):
-    """Raised inside the decoder thread to abandon a request (timed out or client gone)."""
+    """Raised inside a decode thread to abandon a request (timed out or client gone)."""
 
 
 @dataclass
 class Job:
-    """One decode request as the worker thread sees it."""
+    """One decode request as its decode thread sees it."""
 
     prompt_ids: list[int]
     method: Method
@@ -45,28 +49,50 @@ class Job:
     max_tokens: int
     seed: int
     cancelled: threading.Event = field(default_factory=threading.Event)
-    on_commit: Callable[[list[int]], bool] | None = None  # streaming: sees each cycle's tokens
+    on_commit: Callable[[list[int]], bool] | None = None  # sees each cycle's tokens; False stops the decode
     enqueued: float = field(default_factory=time.perf_counter)
     started: float = 0.0
+    logprobs: int | None = None  # alternatives per token to report (None: no logprobs)
+    queued: bool = True  # still counted as waiting
+    generated: int = 0  # tokens committed so far
 
 
 class DecodeWorker:
-    """Runs the jobs of one ModelPair one at a time, first come first served."""
+    """Runs the jobs of one ModelPair, up to `max_batch` at once in one batch, `max_queue` more waiting."""
 
-    def __init__(self, pair: ModelPair, threads: int, timeout_s: float, metrics: Metrics):
+    def __init__(self, pair: ModelPair, threads: int, timeout_s: float, metrics: Metrics, max_batch: int = 16,
+                 max_queue: int = 64, load_aware: bool = True):
         import torch
 
-        self.pair, self.timeout_s, self.metrics = pair, timeout_s, metrics
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="radar-decode",
+        self.timeout_s, self.metrics, self.max_batch, self.max_queue = timeout_s, metrics, max_batch, max_queue
+        self.executor = ThreadPoolExecutor(max_workers=max_batch, thread_name_prefix="radar-decode",
                                            initializer=torch.set_num_threads, initargs=(threads,))
-        self._current: Job | None = None  # the job on the worker thread
-        for model in (pair.target, pair.draft):
-            if model is not None:
-                model.register_forward_pre_hook(self._check_cancelled)
+        self.rendezvous = Rendezvous(pair.target)
+        self._local = threading.local()  # the job on each decode thread
+        self.pair = pair.batched(self.rendezvous, self._guard)
+        self.curve = measure_verify_curve(pair.target) if load_aware and pair.draft is not None else None
+        self.waiting = 0  # admitted, not decoding yet
+        self._lock = threading.Lock()
+        self.draining = False
+
+    @property
+    def busy(self) -> int:
+        """Requests queued or decoding."""
+        return self.waiting + self.rendezvous.members
 
     async def run(self, job: Job, t0: float) -> GenerationResult:
-        """Queue `job` and wait for its GenerationResult until `timeout_s` after `t0` (then 504, job cancelled)."""
+        """Queue `job` and wait for its GenerationResult until `timeout_s` after `t0` (then 504, job cancelled);
+        429 at once when the queue is full, 503 while the replica drains."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down; retry on another replica", "server_error",
+                           "shutting_down", headers={"Retry-After": "1"})
+        if self.waiting >= self.max_queue and self.rendezvous.members >= self.max_batch:
+            self.metrics.rejected.inc()
+            raise APIError(429, f"the server is at capacity ({self.max_batch} decoding, {self.waiting} waiting); "
+                                "retry shortly", "rate_limit_error", "server_busy", headers={"Retry-After": "1"})
         loop = asyncio.get_running_loop()
+        with self._lock:
+            self.waiting += 1
         self.metrics.queue_depth.inc()
         future = loop.run_in_executor(self.executor, self._decode, job)
         # Retrieve the exception of a future nobody waits for any more (timed out), so asyncio does not log it.
@@ -84,33 +110,71 @@ class DecodeWorker:
             raise
         except Cancelled:  # cancelled by the flag we set above in a race; same as a timeout
             raise APIError(504, "the request was cancelled", type="timeout_error", code="timeout") from None
-        except ValueError as exc:  # the decoder's own checks (context, empty prompt): the caller's mistake
-            raise APIError(400, str(exc), code="invalid_value") from None
+        finally:
+            if not job.started:  # it may never reach a decode thread (timed out or cancelled in the queue)
+                self._dequeue(job)
+
+    def _dequeue(self, job: Job) -> None:
+        with self._lock:
+            if not job.queued:
+                return
+            job.queued = False
+            self.waiting -= 1
+        self.metrics.queue_depth.dec()
 
     def _decode(self, job: Job) -> GenerationResult:
-        """Runs on the worker thread."""
+        """Runs on a decode thread."""
         from radar.decoding.verify import Sampling
 
-        self.metrics.queue_depth.dec()
+        job.started = time.perf_counter()
+        self._dequeue(job)
         if job.cancelled.is_set():
             raise Cancelled()
-        job.started = time.perf_counter()
-        self._current = job
-        try:
-            return self.pair.generate(job.prompt_ids, job.method, Sampling(job.temperature, job.top_p),
-                                      job.max_tokens, job.seed, on_commit=job.on_commit)
-        finally:
-            self._current = None
+        sampling = Sampling(job.temperature, job.top_p)
+        policy = None
+        if job.method.speculative:
+            policy = self.pair.stop_rule(job.method, sampling, job.seed)
+            if self.curve is not None:
+                policy = LoadAware(policy, self.rendezvous, self.curve)
+        self._local.job = job
+        with self.rendezvous.member():
+            try:
+                return self.pair.generate(job.prompt_ids, job.method, sampling, job.max_tokens, job.seed,
+                                          policy=policy, on_commit=lambda ids: self._commit(job, ids),
+                                          logprobs=job.logprobs)
+            finally:
+                self._local.job = None
+                if job.cancelled.is_set():  # timed out or its client left: how far it got before it stopped
+                    self.metrics.abandoned.inc()
+                    self.metrics.abandoned_tokens.inc(job.generated)
 
-    def _check_cancelled(self, module, args) -> None:
-        # Forward pre-hook on the target and draft: abandon a cancelled request at its next model call.
-        job = self._current
+    def _commit(self, job: Job, ids: list[int]) -> bool:
+        self.rendezvous.committed(len(ids))
+        job.generated += len(ids)
+        if job.cancelled.is_set():
+            return False
+        return job.on_commit(ids) is not False if job.on_commit is not None else True
+
+    def _guard(self) -> None:
+        # Before every model call of a decode thread: abandon a cancelled request there.
+        job = getattr(self._local, "job", None)
         if job is not None and job.cancelled.is_set():
             raise Cancelled()
 
+    def stalled_s(self) -> float:
+        """Seconds the batch has gone without finishing a forward while it has members (0 when idle)."""
+        if not self.rendezvous.members:
+            return 0.0
+        return time.perf_counter() - self.rendezvous.last_progress
+
+    def shutdown(self) -> None:
+        """Refuse new requests (503); the ones in flight finish."""
+        self.draining = True
+        self.executor.shutdown(wait=False)
+
 
 class Commits:
-    """Committed tokens crossing from the worker thread to the event loop, for one streamed job; `stop` goes the
+    """Committed tokens crossing from a decode thread to the event loop, for one streamed job; `stop` goes the
     other way (set it and the decoder ends after its current cycle)."""
 
     def __init__(self):
@@ -120,7 +184,7 @@ class Commits:
         self.next = asyncio.ensure_future(self.queue.get())
 
     def on_commit(self, ids: list[int]) -> bool:
-        """The decoder's callback (worker thread): hand the tokens over; False asks it to stop."""
+        """The decoder's callback (decode thread): hand the tokens over; False asks it to stop."""
         self.loop.call_soon_threadsafe(self.queue.put_nowait, list(ids))
         return not self.stop.is_set()
 

@@ -213,7 +213,10 @@ def test_draft_or_not_measures_both_arms_then_keeps_the_faster_and_rechecks():
     assert seen[:4] == [True, True, False, False]  # each arm measured first
     assert seen[4:10].count(False) > seen[4:10].count(True)
     assert True in seen[10:]  # drafting is tried again now and then
-    assert arms.draft(1) is True  # another batch size has its own measurements
+    assert arms.draft(8) is False  # a size not measured yet follows the nearest one that was
+    for _ in range(14):
+        arms.observe(8, 30.0 if arms.draft(8) else 10.0)  # ... until its own re-check finds drafting faster there
+    assert arms.draft(8) is True
 
 
 @pytest.mark.parametrize("drafter", ["small-lm", "eagle3"])

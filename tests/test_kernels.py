@@ -48,3 +48,20 @@ def test_tree_attention_kernel_matches_pytorch_attention_under_the_interpreter()
     done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+def test_packed_verification_on_cuda_uses_the_kernel_and_matches_sdpa(tiny_pair):
+    import torch
+
+    from radar.decoding.model import Transformer
+    from radar.decoding.packed import packed_forward
+
+    target = Transformer.from_pretrained(tiny_pair[0], device="cuda")
+    ids = [torch.randint(3, 300, (1, n), device="cuda") for n in (5, 9)]
+    calls = lambda: [dict(input_ids=x, position_ids=None, cache=target.new_cache(32), tree_mask=None,  # noqa: E731
+                          last_only=False, capture=None) for x in ids]
+    packed = packed_forward(target, calls())
+    alone = [target(x, cache=c["cache"]) for x, c in zip(ids, calls())]
+    for got, want in zip(packed, alone):
+        assert torch.allclose(got, want, atol=1e-3)

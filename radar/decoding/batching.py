@@ -1,19 +1,23 @@
 """Continuous batching: concurrent decodes, each on its own thread through the unchanged decoding loop, whose
-model calls meet and run as one packed forward.
+model calls meet and run as packed forwards.
 
 Every request runs `ModelPair.generate` as it would alone, with its own caches, tree, stop policy, random
 generator and stop rules; only its target and draft are `BatchedModel`s, which hand each call to a `Rendezvous`.
-When every member decode is waiting in a model call, the last to arrive runs them all: the target's calls (one
-sequence's tree verification or prefill each) as one packed forward, the draft's as another (`radar.decoding.
-packed`), then wakes the others. A request joins by entering `member()` and leaves when its decode ends, so
-requests join and leave between cycles, and nothing crosses between them but the weights.
+When every member decode is waiting in a model call, the last to arrive runs the draft calls as one packed
+forward (`radar.decoding.packed`), or, once every member waits on the target, all their verifications (or
+prefills) as one; then it wakes the others. Draft calls going first keeps the members in step: one target
+forward per cycle, with only cheap draft forwards in between. A request joins by entering `member()` and leaves
+when its decode ends, so requests join and leave between cycles, and nothing crosses between them but weights.
 
-Load awareness: `LoadAware` wraps a request's stop policy. Adding a tree node to a batch's verification is worth
-it when the tokens it is expected to yield (the drafter's path probability, exp of its cumulative log-prob)
-exceed what the batch would produce in the time it costs: the batch's tokens/s times the verification curve's
-slope at the tokens the batch verifies. So trees shrink as the batch grows and verification turns compute-bound,
-down to the root alone (no speculation) when no node pays; with the curve measured on the replica itself
-(`measure_verify_curve`), nothing is hand-written per batch size.
+Load awareness, in two parts, both measured rather than scheduled by hand:
+- `LoadAware` wraps a request's stop policy. A tree node is worth verifying in a batch when the tokens it is
+  expected to yield (the drafter's path probability, exp of its cumulative log-prob) exceed what the batch makes
+  in the time the node costs: the batch's tokens/s times the verification curve's slope at the tokens the batch
+  verifies (`measure_verify_curve`, run on the replica). So trees shrink as the batch grows.
+- `DraftOrNot` decides whether drafting pays at all at a batch size: it measures the batch's tokens/s with
+  drafting and with roots only (no speculation), keeps the faster and re-checks now and then. On a CPU, where a
+  verification is compute-bound from a few tokens, a large batch runs without speculation; alone, a request
+  always keeps its policy's own choices, which its cost model priced for batch size 1.
 """
 
 from __future__ import annotations
@@ -229,8 +233,9 @@ def measure_verify_curve(target: torch.nn.Module, sizes: tuple[int, ...] = (1, 4
 
 class DraftOrNot:
     """Whether drafting pays at a batch size, learned by measuring both: the batch's tokens/s per cycle under
-    each arm (draft, or verify roots only), per power-of-two batch size, exploiting the better one and trying the
-    other for `explore` cycles every `period` cycles."""
+    each arm (draft, or verify roots only), per power-of-two batch size. A size measured under both arms keeps
+    the faster; a size not yet measured under both follows the nearest size that is (the first explores both,
+    `explore` cycles each); and every `period` cycles the other arm runs `explore` cycles to re-check."""
 
     def __init__(self, explore: int = 6, period: int = 60):
         self.explore, self.period = explore, period
@@ -242,17 +247,22 @@ class DraftOrNot:
     def bucket(members: int) -> int:
         return 1 << max(members - 1, 0).bit_length()
 
+    def _best(self, b: int) -> bool | None:
+        known = [c for c in {k for k, _ in self.rates} if (c, True) in self.rates and (c, False) in self.rates]
+        if not known:
+            return None
+        c = min(known, key=lambda c: (abs(c.bit_length() - b.bit_length()), -c))
+        return self.rates[(c, True)] >= self.rates[(c, False)]
+
     def draft(self, members: int) -> bool:
         """The arm to run now at this batch size."""
         b = self.bucket(members)
         n = self.cycles.get(b, 0)
-        if (b, True) not in self.rates or n < self.explore:
-            arm = True
-        elif (b, False) not in self.rates or n < 2 * self.explore:
-            arm = False
+        best = self._best(b)
+        if best is None:  # nothing measured under both arms anywhere yet: draft first, then roots only
+            arm = n < self.explore
         else:
-            best = self.rates[(b, True)] >= self.rates[(b, False)]
-            arm = (not best) if n % self.period < self.explore else best
+            arm = (not best) if n >= self.period and n % self.period < self.explore else best
         self._arm[b] = arm
         return arm
 

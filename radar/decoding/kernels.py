@@ -1,10 +1,11 @@
 """Triton kernel for tree verification's attention: new queries over a sequence's cached prefix plus its tree.
 
-PyTorch's SDPA needs the whole (Q, L) boolean mask materialised, which for a tree is all ones except the last Q
-columns. The kernel reads only the (Q, Q) tree part and treats every earlier slot as visible, streams the keys in
-blocks with an online softmax in float32 (FlashAttention's recurrence), and maps query heads to their key/value head for
-grouped-query attention without repeating the cache. Used on CUDA by packed forwards (`radar.decoding.packed`);
-tested against `attend` under TRITON_INTERPRET=1 (tests/test_kernels.py); timings in benchmarks/README.md.
+PyTorch's SDPA needs the whole (Q, L) boolean mask materialised, which for a tree is all ones but for the last
+columns. The kernel reads only the (Q, T) tree part and treats every earlier slot as visible, streams the keys in
+blocks with an online softmax in float32 (FlashAttention's recurrence), and maps query heads to their key/value
+head for grouped-query attention without repeating the cache. Used on CUDA by packed forwards
+(`radar.decoding.packed`); tested against `attend` under TRITON_INTERPRET=1 (tests/test_kernels.py). No GPU was
+lent to this project's sessions yet, so it has no timings against SDPA (benchmarks/README.md says so).
 """
 
 from __future__ import annotations

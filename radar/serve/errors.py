@@ -20,7 +20,8 @@ class APIError(Exception):
 
     def response(self, headers: dict | None = None) -> JSONResponse:
         """The error as an HTTP response."""
-        return JSONResponse(self.body.model_dump(), status_code=self.status, headers={**self.headers, **(headers or {})})
+        merged = {**self.headers, **(headers or {})}
+        return JSONResponse(self.body.model_dump(), status_code=self.status, headers=merged)
 
 
 def validation_message(exc: ValidationError) -> tuple[str, str | None]:

@@ -70,15 +70,12 @@ class DecodeWorker:
         self.rendezvous = Rendezvous(pair.target)
         self._local = threading.local()  # the job on each decode thread
         self.pair = pair.batched(self.rendezvous, self._guard)
-        self.curve = measure_verify_curve(pair.target) if load_aware and pair.draft is not None else None
+        # Load awareness only acts in a batch of two or more: a FIFO replica need not time the curve at start-up.
+        aware = load_aware and pair.draft is not None and max_batch > 1
+        self.curve = measure_verify_curve(pair.target) if aware else None
         self.waiting = 0  # admitted, not decoding yet
         self._lock = threading.Lock()
         self.draining = False
-
-    @property
-    def busy(self) -> int:
-        """Requests queued or decoding."""
-        return self.waiting + self.rendezvous.members
 
     async def run(self, job: Job, t0: float) -> GenerationResult:
         """Queue `job` and wait for its GenerationResult until `timeout_s` after `t0` (then 504, job cancelled);

@@ -161,14 +161,24 @@ def test_packed_forward_keeps_sequences_apart(pair):
 def test_packed_head_forward_matches_the_heads_own(eagle_pair):
     head = eagle_pair.draft
     calls, alone = [], []
-    for seed, q in ((1, 3), (2, 5)):
+    for seed, q, last_only in ((1, 3, False), (2, 5, True), (3, 4, False)):
         ids, hidden = random_ids(q, 300, seed=seed), torch.randn(1, q, head.config.layer.hidden_size)
         pos = torch.arange(q)[None]
         c1, c2 = head.new_cache(16), head.new_cache(16)
-        alone.append(head(ids, hidden, pos, c1))
-        calls.append(dict(input_ids=ids, hidden=hidden, position_ids=pos, cache=c2, tree_mask=None))
+        alone.append(head(ids, hidden, pos, c1, last_only=last_only))
+        calls.append(dict(input_ids=ids, hidden=hidden, position_ids=pos, cache=c2, tree_mask=None,
+                          last_only=last_only))
     for (logits, h), (got_logits, got_h) in zip(alone, packed_head_forward(head, calls)):
+        assert got_logits.shape == logits.shape and got_h.shape == h.shape
         assert torch.allclose(got_logits, logits, atol=1e-6) and torch.allclose(got_h, h, atol=1e-6)
+
+
+def test_head_last_only_gives_the_last_tokens_logits_and_every_tokens_hidden_state(eagle_pair):
+    head = eagle_pair.draft
+    ids, hidden, pos = random_ids(5, 300, seed=4), torch.randn(1, 5, head.config.layer.hidden_size), torch.arange(5)[None]
+    logits, h = head(ids, hidden, pos, head.new_cache(8))
+    last, h_last = head(ids, hidden, pos, head.new_cache(8), last_only=True)
+    assert last.shape[1] == 1 and torch.allclose(last, logits[:, -1:], atol=1e-6) and torch.equal(h_last, h)
 
 
 def test_verify_curve_is_measured_monotone_and_interpolates(pair):
@@ -210,13 +220,44 @@ def test_draft_or_not_measures_both_arms_then_keeps_the_faster_and_rechecks():
         draft = arms.draft(16)
         seen.append(draft)
         arms.observe(16, 20.0 if draft else 40.0)  # not drafting yields more at this size
-    assert seen[:4] == [True, True, False, False]  # each arm measured first
+    assert seen[:4] == [False, False, True, True]  # each arm measured first, roots only first
     assert seen[4:10].count(False) > seen[4:10].count(True)
     assert True in seen[10:]  # drafting is tried again now and then
     assert arms.draft(8) is False  # a size not measured yet follows the nearest one that was
     for _ in range(14):
         arms.observe(8, 30.0 if arms.draft(8) else 10.0)  # ... until its own re-check finds drafting faster there
     assert arms.draft(8) is True
+
+
+def test_draft_or_not_waits_longer_between_rechecks_that_change_nothing_and_resets_when_one_does():
+    arms = DraftOrNot(explore=2, period=10, max_period=40)
+    drafted = []
+    for cycle in range(250):
+        draft = arms.draft(16)
+        drafted.append(draft)
+        pays = cycle >= 150  # drafting is the slower arm until cycle 150, then the faster
+        arms.observe(16, 40.0 if draft == pays else 20.0)
+
+    def windows(arm: bool, cycles: range) -> list[int]:  # where each run of `arm` starts
+        return [c for c in cycles if drafted[c] == arm and drafted[c - 1] != arm]
+
+    assert windows(True, range(1, 150)) == [2, 10, 32, 74, 116]  # explored, then waits 10, 20, 40, the cap
+    assert windows(False, range(162, 250))[:2] == [170, 192]  # the winner flipped: back to 10, then 20
+
+
+def test_cycles_that_prefill_a_newcomer_are_not_credited_to_either_arm(pair):
+    class Recorder(DraftOrNot):
+        def observe(self, members, tokens_per_s):
+            seen.append(tokens_per_s)
+
+    seen: list[float] = []
+    rv = Rendezvous(pair.target)
+    rv.arms = Recorder()
+    echo = lambda model, calls: [None] * len(calls)  # noqa: E731 - the forward itself does not matter here
+    for last_only in (True, False):
+        rv.committed(4)
+        rv.call(pair.target, echo, {"input_ids": torch.zeros(1, 3, dtype=torch.long), "last_only": last_only})
+    assert len(seen) == 1  # only the verification-only cycle was measured
 
 
 @pytest.mark.parametrize("drafter", ["small-lm", "eagle3"])

@@ -163,7 +163,9 @@ class Rendezvous:
             now = time.perf_counter()
             with self._cond:  # one batch cycle ended: what it yielded per second, for the arm it ran under
                 (last, committed), self._since_verify = self._since_verify, [now, 0]
-            if committed:
+            # A cycle that also prefilled a newcomer's prompt (last_only) is slow whichever arm ran: crediting it
+            # would mostly measure when requests arrive, so it is left out.
+            if committed and not any(c.args.get("last_only") for c in calls):
                 self.arms.observe(self._members, committed / max(now - last, 1e-6))
 
 
@@ -235,13 +237,19 @@ class DraftOrNot:
     """Whether drafting pays at a batch size, learned by measuring both: the batch's tokens/s per cycle under
     each arm (draft, or verify roots only), per power-of-two batch size. A size measured under both arms keeps
     the faster; a size not yet measured under both follows the nearest size that is (the first explores both,
-    `explore` cycles each); and every `period` cycles the other arm runs `explore` cycles to re-check."""
+    `explore` cycles each, roots only first); and `period` cycles after, the other arm runs `explore` cycles to re-check. Each
+    re-check that keeps the same winner doubles the wait before the next (up to `max_period`), so a server that
+    stays at one load stops paying for a losing arm it already knows; a re-check that flips resets it."""
 
-    def __init__(self, explore: int = 6, period: int = 60):
-        self.explore, self.period = explore, period
+    def __init__(self, explore: int = 6, period: int = 60, max_period: int = 960):
+        self.explore, self.period, self.max_period = explore, period, max_period
         self.rates: dict[tuple[int, bool], float] = {}
         self.cycles: dict[int, int] = {}
         self._arm: dict[int, bool] = {}
+        self._next: dict[int, int] = {}  # per size: the cycle its next re-check starts at
+        self._gap: dict[int, int] = {}  # per size: the wait before the one after
+        self._winner: dict[int, bool] = {}  # per size: the arm that led when its current re-check began
+        self._first: int | None = None  # the size explored first
 
     @staticmethod
     def bucket(members: int) -> int:
@@ -255,14 +263,24 @@ class DraftOrNot:
         return self.rates[(c, True)] >= self.rates[(c, False)]
 
     def draft(self, members: int) -> bool:
-        """The arm to run now at this batch size."""
+        """The arm to run now at this batch size (the same for every call within one cycle)."""
         b = self.bucket(members)
         n = self.cycles.get(b, 0)
         best = self._best(b)
-        if best is None:  # nothing measured under both arms anywhere yet: draft first, then roots only
-            arm = n < self.explore
+        self._first = b if self._first is None else self._first
+        if best is None or (b == self._first and n < 2 * self.explore):
+            # The first size measured explores both, roots only first: so the batch's tokens/s is known when
+            # load-aware trees are first cut by it.
+            arm = n >= self.explore
         else:
-            arm = (not best) if n >= self.period and n % self.period < self.explore else best
+            start = self._next.setdefault(b, max(self.period, n))
+            if n >= start + self.explore:  # a re-check just ended: wait longer if it changed nothing
+                gap = self._gap.get(b, self.period)
+                self._gap[b] = min(2 * gap, self.max_period) if self._winner.get(b) == best else self.period
+                start = self._next[b] = n + self._gap[b]
+            if n == start:
+                self._winner[b] = best
+            arm = (not best) if start <= n < start + self.explore else best
         self._arm[b] = arm
         return arm
 

@@ -33,8 +33,9 @@ class Drafter(ABC):
 
     @abstractmethod
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor | None) -> torch.Tensor:
-        """Log-probs (Q, vocab_size) of the next token after each of `tokens` (Q, target ids), appending them to the
-        state. Without `tree_mask` the tokens are committed ones, causal; with it (Q, T) they are tree nodes and its
+        """Log-probs of the next token, appending `tokens` (Q, target ids) to the state. Without `tree_mask` the
+        tokens are committed ones, causal, and the log-probs (1, vocab_size) are those after the last of them; with
+        it (Q, T) the log-probs (Q, vocab_size) are those after each token, the tokens are tree nodes and its
         columns are the last T slots, this cycle's tree nodes (the new ones last): a node's parent is the latest
         tree slot it sees, or the last committed token when it sees none."""
 
@@ -66,7 +67,7 @@ class SmallLMDrafter(Drafter):
         return self.cache.length
 
     def forward(self, tokens, positions, tree_mask):
-        logits = self.model(tokens[None], positions[None], self.cache, tree_mask)[0]
+        logits = self.model(tokens[None], positions[None], self.cache, tree_mask, last_only=tree_mask is None)[0]
         return torch.log_softmax(logits.float(), dim=-1)
 
     def keep(self, start, slots):

@@ -184,9 +184,11 @@ class Eagle3Head(nn.Module):
         position_ids: torch.Tensor,
         cache: KVCache | None = None,
         tree_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(draft-vocabulary logits (B, Q, V_draft), output hidden states (B, Q, H)) for tokens (B, Q) with their
-        hidden inputs (B, Q, H); `cache` and `tree_mask` as in `Transformer.forward`."""
+        hidden inputs (B, Q, H); `cache` and `tree_mask` as in `Transformer.forward` (`last_only`: logits of the
+        last token alone, (B, 1, V_draft))."""
         q = input_ids.shape[1]
         start = cache.length if cache is not None else 0
         if cache is not None and start + q > cache.max_len:
@@ -197,7 +199,7 @@ class Eagle3Head(nn.Module):
         x = self.midlayer(self.embed_tokens(input_ids).to(self.dtype), hidden, cos, sin, mask, layer_cache, start)
         if cache is not None:
             cache.length = start + q
-        return self.lm_head(self.norm(x)), x
+        return self.lm_head(self.norm(x[:, -1:] if last_only else x)), x
 
     def bind(self, target: Transformer) -> Eagle3Head:
         """Check the head against its target, resolve default layer ids, and take the target's embedding if the
@@ -332,7 +334,9 @@ class Eagle3Drafter(Drafter):
         else:
             hidden = self.hidden_out[self._parent_slots(tree_mask, tokens.numel())]
         start, n = self.cache.length, tokens.numel()
-        logits, out = self.head(tokens[None], hidden[None], positions[None], self.cache, tree_mask)
+        # Committed tokens only seed the tree from the last one: the LM head over the others would be thrown away.
+        logits, out = self.head(tokens[None], hidden[None], positions[None], self.cache, tree_mask,
+                                last_only=tree_mask is None)
         self.hidden_out[start : start + n] = out[0]
         self.slot_tokens[start : start + n], self.slot_positions[start : start + n] = tokens, positions
         return torch.log_softmax(logits[0].float(), dim=-1)

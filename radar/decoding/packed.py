@@ -95,10 +95,14 @@ def packed_forward(model: Transformer, calls: list[dict]) -> list[torch.Tensor]:
     for c, s in zip(calls, segments):
         if c["capture"] is not None:
             c["capture"].hidden = torch.cat([kept[i][:, s.offset : s.offset + s.q] for i in c["capture"].layers], -1)
-    # The LM head only over the rows someone reads: a prefill wants its last row alone.
-    rows = [torch.arange(s.offset + s.q - 1 if c["last_only"] else s.offset, s.offset + s.q) for c, s in
+    return _lm_head(lambda h: model.lm_head(model.model.norm(h)), x, calls, segments)
+
+
+def _lm_head(head, x: torch.Tensor, calls: list[dict], segments: list[Segment]) -> list[torch.Tensor]:
+    # The LM head only over the rows someone reads: a prefill (`last_only`) wants its last row alone.
+    rows = [torch.arange(s.offset + s.q - 1 if c.get("last_only") else s.offset, s.offset + s.q) for c, s in
             zip(calls, segments)]
-    logits = model.lm_head(model.model.norm(x[:, torch.cat(rows).to(x.device)]))
+    logits = head(x[:, torch.cat(rows).to(x.device)])
     out, at = [], 0
     for r in rows:
         out.append(logits[:, at : at + r.numel()])
@@ -114,5 +118,5 @@ def packed_head_forward(head, calls: list[dict]) -> list[tuple[torch.Tensor, tor
     cos, sin = rope_angles(positions, head.inv_freq, head.dtype)
     x = head.midlayer(head.embed_tokens(ids).to(head.dtype), hidden, cos, sin, SegmentAttention(segments, 0), None, 0)
     _advance(segments)
-    logits = head.lm_head(head.norm(x))
-    return [(logits[:, s.offset : s.offset + s.q], x[:, s.offset : s.offset + s.q]) for s in segments]
+    logits = _lm_head(lambda h: head.lm_head(head.norm(h)), x, calls, segments)
+    return [(lg, x[:, s.offset : s.offset + s.q]) for lg, s in zip(logits, segments)]

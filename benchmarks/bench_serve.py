@@ -114,12 +114,12 @@ async def load_phase(client: httpx.AsyncClient, prompts: list[str], reference: l
         for i in next_index:  # a shared iterator: each request index is taken by exactly one worker
             if time.perf_counter() > stop_at:
                 return
-            k = i % len(prompts)
+            k, began = i % len(prompts), time.perf_counter() - t0
             try:
                 rec = await streamed(client, *request_body(prompts[k], args, speculation, temperature, True))
             except httpx.HTTPError as exc:
                 rec = {"status": None, "error": f"{type(exc).__name__}: {exc}", "latency_s": None}
-            rec["prompt"] = k
+            rec["prompt"], rec["start_s"] = k, began
             if rec["status"] == 200 and temperature == 0:
                 rec["match"] = rec["text"] == reference[k]
             records.append(rec)
@@ -139,6 +139,8 @@ async def load_phase(client: httpx.AsyncClient, prompts: list[str], reference: l
         "latency_p50_s": percentile(lat, 50), "latency_p99_s": percentile(lat, 99),
         "mean_tau": mean("tau"), "mean_draft_calls_per_cycle": mean("draft_calls"),
         "stopped_by_duration": len(records) < n_requests,
+        "per_request": [{k: r.get(k) for k in ("prompt", "start_s", "ttft_s", "latency_s", "tokens", "tau", "draft_calls")}
+                        for r in ok],
     }
 
 

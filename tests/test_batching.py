@@ -230,7 +230,7 @@ def test_draft_or_not_measures_both_arms_then_keeps_the_faster_and_rechecks():
 
 
 def test_draft_or_not_waits_longer_between_rechecks_that_change_nothing_and_resets_when_one_does():
-    arms = DraftOrNot(explore=2, period=10, max_period=40)
+    arms = DraftOrNot(explore=2, period=10, max_period=40, clear=0.0)  # every lead counts as close: doubling
     drafted = []
     for cycle in range(250):
         draft = arms.draft(16)
@@ -243,6 +243,28 @@ def test_draft_or_not_waits_longer_between_rechecks_that_change_nothing_and_rese
 
     assert windows(True, range(1, 150)) == [2, 10, 32, 74, 116]  # explored, then waits 10, 20, 40, the cap
     assert windows(False, range(162, 250))[:2] == [170, 192]  # the winner flipped: back to 10, then 20
+
+
+def test_draft_or_not_waits_four_times_longer_after_a_recheck_the_loser_lost_clearly():
+    def recheck_starts(drafted_rate: float) -> list[int]:
+        arms, drafted = DraftOrNot(explore=2, period=10, max_period=1000, clear=0.8), []
+        for _ in range(300):
+            drafted.append(arms.draft(16))
+            arms.observe(16, drafted_rate if drafted[-1] else 40.0)
+        return [c for c in range(1, 300) if drafted[c] and not drafted[c - 1]]
+
+    assert recheck_starts(20.0) == [2, 10, 52, 214]  # at half the winner's rate: waits 10, 40, 160
+    assert recheck_starts(38.0) == [2, 10, 32, 74, 156]  # a close loser: waits 10, 20, 40, 80
+
+
+def test_draft_or_not_compares_drafted_cycles_with_roots_only_ones_at_the_same_member_count():
+    arms = DraftOrNot(explore=2, period=100)
+    rate = {(16, False): 128.0, (16, True): 115.0, (9, False): 100.0}  # drafting loses at 16 members
+    for cycle in range(103):
+        members = 9 if 4 <= cycle < 100 else 16  # the re-check at cycle 100 runs as the batch refills to 16
+        arms.observe(members, rate[(members, arms.draft(members))])
+    # Judged against the roots-only cycles at 9 members (100 tokens/s), its 115 would have looked like a win.
+    assert arms.draft(16) is False
 
 
 def test_cycles_that_prefill_a_newcomer_are_not_credited_to_either_arm(pair):
@@ -276,6 +298,35 @@ def test_cycles_that_skip_drafting_keep_the_output_and_the_drafter_in_step(pair,
     spec = generate_speculative(p.target, p.drafter(), ids, p.tree, EveryOther(3), Sampling(), 30)
     assert spec.token_ids == p.generate(ids, "ar", Sampling(), 30).token_ids
     assert 0 in spec.stats.tree_tokens_per_cycle and max(spec.stats.accept_lengths) > 1  # drafts still accepted
+
+
+def test_a_root_only_verification_is_the_autoregressive_step(pair):
+    from radar.decoding.tree import empty_tree
+    from radar.decoding.verify import prefill, verify_tree
+
+    ids = torch.tensor(PROMPTS[2])
+    caches = [pair.target.new_cache(32) for _ in range(2)]
+    pending = [prefill(pair.target, c, ids) for c in caches][0]
+    ar_step = pair.target(pending[None], cache=caches[0])[0]
+    logits, base = verify_tree(pair.target, caches[1], pending, empty_tree(0, ids.device), len(ids) - 1)
+    assert torch.equal(logits, ar_step) and base == caches[1].length == caches[0].length  # the same bits
+
+
+def test_a_drafter_sitting_out_cycles_is_fed_every_token_and_feature_it_missed(eagle_pair):
+    from radar.decoding.session import Speculation
+    from radar.decoding.tree import build_tree, empty_tree
+
+    ids, drafter = PROMPTS[2], eagle_pair.drafter()
+    spec = Speculation(eagle_pair.target, drafter, ids, 32)
+    bonuses = []
+    for root in range(len(ids) - 1, len(ids) + 2):  # three undrafted cycles
+        logits, base = spec.verify(empty_tree(drafter.length, spec.target_pending.device), root)
+        bonuses.append(int(logits[0].argmax()))
+        spec.commit_undrafted(base, bonuses[-1])
+    assert spec.draft_pending.tolist() == ids + bonuses
+    # Drafting again feeds the head everything (it raises on tokens without features): all but the first token.
+    tree = build_tree(drafter, spec.draft_pending, len(ids) + 2, eagle_pair.tree, FixedDepth(1))
+    assert len(tree) > 0 and drafter.length == len(ids) + len(bonuses) - 1
 
 
 def test_a_zero_node_tree_decodes_like_autoregression(pair):

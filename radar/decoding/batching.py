@@ -234,16 +234,21 @@ def measure_verify_curve(target: torch.nn.Module, sizes: tuple[int, ...] = (1, 4
 
 
 class DraftOrNot:
-    """Whether drafting pays at a batch size, learned by measuring both: the batch's tokens/s per cycle under
-    each arm (draft, or verify roots only), per power-of-two batch size. A size measured under both arms keeps
+    """Whether drafting pays at a batch size, learned by measuring both arms (draft, or verify roots only) per
+    power-of-two batch size. A drafted cycle scores its batch's tokens/s over what roots-only cycles make at the
+    same member count (their running mean per count; the nearest count's, in proportion, for a count without one),
+    a roots-only cycle scores 1: so the arms compare like with like while members come and go within a size
+    (a re-check drafting at 16 members must not be judged against roots-only cycles run at 9). A size measured under both arms keeps
     the faster; a size not yet measured under both follows the nearest size that is (the first explores both,
     `explore` cycles each, roots only first); and `period` cycles after, the other arm runs `explore` cycles to re-check. Each
-    re-check that keeps the same winner doubles the wait before the next (up to `max_period`), so a server that
-    stays at one load stops paying for a losing arm it already knows; a re-check that flips resets it."""
+    re-check that keeps the same winner doubles the wait before the next (up to `max_period`), or quadruples it when
+    the loser ran below `clear` times the winner's tokens/s, so a server that stays at one load stops paying for a
+    losing arm it already knows, the sooner the more clearly it lost; a re-check that flips resets it."""
 
-    def __init__(self, explore: int = 6, period: int = 60, max_period: int = 960):
-        self.explore, self.period, self.max_period = explore, period, max_period
-        self.rates: dict[tuple[int, bool], float] = {}
+    def __init__(self, explore: int = 6, period: int = 60, max_period: int = 960, clear: float = 0.8):
+        self.explore, self.period, self.max_period, self.clear = explore, period, max_period, clear
+        self.rates: dict[tuple[int, bool], float] = {}  # (size, arm) -> running score
+        self._roots: dict[int, float] = {}  # member count -> running tokens/s of its roots-only cycles
         self.cycles: dict[int, int] = {}
         self._arm: dict[int, bool] = {}
         self._next: dict[int, int] = {}  # per size: the cycle its next re-check starts at
@@ -255,12 +260,20 @@ class DraftOrNot:
     def bucket(members: int) -> int:
         return 1 << max(members - 1, 0).bit_length()
 
-    def _best(self, b: int) -> bool | None:
+    def _decider(self, b: int) -> int | None:
+        # The size whose measurements decide for b: the nearest measured under both arms.
         known = [c for c in {k for k, _ in self.rates} if (c, True) in self.rates and (c, False) in self.rates]
-        if not known:
-            return None
-        c = min(known, key=lambda c: (abs(c.bit_length() - b.bit_length()), -c))
-        return self.rates[(c, True)] >= self.rates[(c, False)]
+        return min(known, key=lambda c: (abs(c.bit_length() - b.bit_length()), -c)) if known else None
+
+    def _best(self, b: int) -> bool | None:
+        c = self._decider(b)
+        return None if c is None else self.rates[(c, True)] >= self.rates[(c, False)]
+
+    def _growth(self, b: int) -> int:
+        # How much longer to wait after a re-check that kept the winner: the clearer its lead, the longer.
+        c = self._decider(b)
+        lo, hi = sorted((self.rates[(c, True)], self.rates[(c, False)]))
+        return 4 if lo < self.clear * hi else 2
 
     def draft(self, members: int) -> bool:
         """The arm to run now at this batch size (the same for every call within one cycle)."""
@@ -276,7 +289,7 @@ class DraftOrNot:
             start = self._next.setdefault(b, max(self.period, n))
             if n >= start + self.explore:  # a re-check just ended: wait longer if it changed nothing
                 gap = self._gap.get(b, self.period)
-                self._gap[b] = min(2 * gap, self.max_period) if self._winner.get(b) == best else self.period
+                self._gap[b] = min(self._growth(b) * gap, self.max_period) if self._winner.get(b) == best else self.period
                 start = self._next[b] = n + self._gap[b]
             if n == start:
                 self._winner[b] = best
@@ -289,9 +302,18 @@ class DraftOrNot:
         b = self.bucket(members)
         if b not in self._arm:
             return
-        key = (b, self._arm[b])
-        self.rates[key] = tokens_per_s if key not in self.rates else 0.7 * self.rates[key] + 0.3 * tokens_per_s
         self.cycles[b] = self.cycles.get(b, 0) + 1
+        if not self._arm[b]:
+            old = self._roots.get(members)
+            self._roots[members] = tokens_per_s if old is None else 0.7 * old + 0.3 * tokens_per_s
+            score = 1.0
+        elif self._roots:
+            m = min(self._roots, key=lambda c: (abs(c - members), -c))
+            score = tokens_per_s / (self._roots[m] * members / m)
+        else:
+            return  # nothing to compare with yet (every size runs roots only first)
+        key = (b, self._arm[b])
+        self.rates[key] = score if key not in self.rates else 0.7 * self.rates[key] + 0.3 * score
 
 
 @dataclass

@@ -314,7 +314,7 @@ class Eagle3Drafter(Drafter):
         self.hidden_out = torch.zeros(max_len, width, device=device, dtype=self.head.dtype)
         self.slot_tokens = torch.zeros(max_len, dtype=torch.long, device=device)
         self.slot_positions = torch.zeros(max_len, dtype=torch.long, device=device)
-        self.features: torch.Tensor | None = None  # the target's features of committed tokens not yet used
+        self.features: list[torch.Tensor] = []  # the target's features of committed tokens not yet used, in order
         self.refeed = (self.slot_tokens[:0], self.slot_positions[:0])  # accepted nodes to feed again
         self.started = False
 
@@ -326,7 +326,7 @@ class Eagle3Drafter(Drafter):
         return self.head.target_ids(ids)
 
     def observe_target(self, hidden: torch.Tensor) -> None:
-        self.features = hidden if self.features is None else torch.cat((self.features, hidden))
+        self.features.append(hidden)  # joined when next fed: a drafter sitting out would otherwise copy O(n^2)
 
     def forward(self, tokens, positions, tree_mask):
         if tree_mask is None:
@@ -350,7 +350,8 @@ class Eagle3Drafter(Drafter):
         """Committed tokens to feed (accepted nodes again, then `tokens`) with their hidden inputs."""
         tokens, positions = torch.cat((self.refeed[0], tokens)), torch.cat((self.refeed[1], positions))
         self.refeed = (tokens[:0], positions[:0])
-        features, self.features = self.features, None
+        features = torch.cat(self.features) if self.features else None
+        self.features = []
         n = 0 if features is None else features.shape[0]
         if not self.started and n == tokens.numel() - 1:
             self.started = True

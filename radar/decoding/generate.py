@@ -69,7 +69,7 @@ def generate_speculative(
         # A load-aware policy may skip drafting for a cycle (a busy batch): then the root alone is verified.
         drafting = not getattr(policy, "skip_draft", bool)()
         tree = build_tree(drafter, spec.draft_pending, root_pos, tree_cfg, policy) if drafting else empty_tree(
-            drafter.length, spec.draft_pending.device)
+            drafter.length, spec.target_pending.device)
 
         logits, base = spec.verify(tree, root_pos)
         path, bonus = walk(tree, logits, sampling, generator)  # reads the logits back: the device is done here

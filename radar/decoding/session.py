@@ -183,6 +183,7 @@ class Speculation:
         self.cache = target.new_cache(max_len)
         drafter.begin(max_len)
         self.target_pending = self.draft_pending = torch.tensor(prompt_ids, device=target.device)
+        self._undrafted: list[int] = []  # bonus tokens of undrafted cycles, to join draft_pending when it is read
         self.capture = LayerCapture(drafter.capture) if drafter.capture else None
         self.target_pending = prefill(target, self.cache, self.target_pending, self.capture)
         if self.capture is not None and self.capture.hidden is not None:
@@ -198,9 +199,21 @@ class Speculation:
         self.cache.keep(base, [])
         if self.capture is not None:
             self.drafter.observe_target(committed_features(self.capture, self.target_pending.numel(), []))
-        bonus_t = torch.tensor([bonus], device=self.target_pending.device)
-        self.target_pending, self.draft_pending = bonus_t, torch.cat((self.draft_pending, bonus_t))
+        self.target_pending = torch.tensor([bonus], device=self.target_pending.device)
+        self._undrafted.append(bonus)  # joined once drafting resumes: a drafter sitting out would copy O(n^2)
         return [bonus]
+
+    @property
+    def draft_pending(self) -> torch.Tensor:
+        """The committed tokens the drafter has still to be fed."""
+        if self._undrafted:
+            joined = torch.tensor(self._undrafted, device=self._draft_pending.device)
+            self._draft_pending, self._undrafted = torch.cat((self._draft_pending, joined)), []
+        return self._draft_pending
+
+    @draft_pending.setter
+    def draft_pending(self, tokens: torch.Tensor) -> None:
+        self._draft_pending, self._undrafted = tokens, []
 
     def commit(self, tree: DraftTree, path: list[int], base: int, bonus: int) -> list[int]:
         """Keep the accepted `path` (tree node indices) in both caches; returns the committed tokens."""

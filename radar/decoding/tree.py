@@ -13,6 +13,8 @@ choose the cycle's verification budget once drafting ends (`choose_budget`).
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -175,6 +177,12 @@ def build_tree(
 
 def empty_tree(draft_base: int, device: torch.device) -> DraftTree:
     """A tree of no nodes: a cycle that verifies the root alone (one token, as autoregression does)."""
+    none, scores, ancestors = _empty(torch.device(device))
+    return DraftTree(none, none, none, scores, ancestors, [], draft_base, 0)
+
+
+@functools.cache
+def _empty(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Shared by every empty tree (nothing writes into a tree's tensors): an undrafted cycle allocates none.
     none = torch.empty(0, dtype=torch.long, device=device)
-    return DraftTree(none, none, none, none.float(), torch.empty(0, 0, dtype=torch.bool, device=device), [],
-                     draft_base, 0)
+    return none, none.float(), torch.empty(0, 0, dtype=torch.bool, device=device)

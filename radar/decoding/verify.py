@@ -72,6 +72,9 @@ def verify_tree(
     node 0). `capture` receives the hidden states of the pending tokens then the nodes."""
     device = pending.device
     n_pend, n_tree = pending.numel(), len(tree)
+    if n_tree == 0 and n_pend == 1:  # the root alone (an undrafted cycle): an AR step, on the AR step's code path
+        logits = target(pending[None], torch.tensor([[root_pos]], device=device), cache, capture=capture)
+        return logits[0], cache.length
     mask = torch.ones(n_pend + n_tree, n_pend + n_tree, dtype=torch.bool, device=device).tril()
     mask[n_pend:, n_pend:] = tree.ancestors
     positions = torch.cat((torch.arange(root_pos - n_pend + 1, root_pos + 1, device=device), root_pos + tree.depths))
@@ -98,6 +101,8 @@ def prefill(
 
 def committed_features(capture: LayerCapture, n_pending: int, path: list[int]) -> torch.Tensor:
     """The captured features of what a verification committed: the pending tokens, then the accepted nodes."""
+    if not path:
+        return capture.hidden[0, :n_pending]
     rows = torch.cat((torch.arange(n_pending), n_pending + torch.tensor(path, dtype=torch.long)))
     return capture.hidden[0, rows.to(capture.hidden.device)]
 

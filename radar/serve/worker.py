@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from radar.decoding.batching import LoadAware, Rendezvous, measure_verify_curve
 from radar.decoding.methods import Method
+from radar.decoding.verify import Sampling
 from radar.serve.errors import APIError
 from radar.serve.metrics import Metrics
 
@@ -73,6 +74,8 @@ class DecodeWorker:
         # Load awareness only acts in a batch of two or more: a FIFO replica need not time the curve at start-up.
         aware = load_aware and pair.draft is not None and max_batch > 1
         self.curve = measure_verify_curve(pair.target) if aware else None
+        if pair.stop_policy is not None:  # loads the controller's compiled decision step now, not in a request
+            pair.stop_policy(0, Sampling())
         self.waiting = 0  # admitted, not decoding yet
         self._lock = threading.Lock()
         self.draining = False
@@ -121,8 +124,6 @@ class DecodeWorker:
 
     def _decode(self, job: Job) -> GenerationResult:
         """Runs on a decode thread."""
-        from radar.decoding.verify import Sampling
-
         job.started = time.perf_counter()
         self._dequeue(job)
         if job.cancelled.is_set():

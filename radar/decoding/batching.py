@@ -236,14 +236,16 @@ def measure_verify_curve(target: torch.nn.Module, sizes: tuple[int, ...] = (1, 4
 class DraftOrNot:
     """Whether drafting pays at a batch size, learned by measuring both arms (draft, or verify roots only) per
     power-of-two batch size. A drafted cycle scores its batch's tokens/s over what roots-only cycles make at the
-    same member count (their running mean per count; the nearest count's, in proportion, for a count without one),
-    a roots-only cycle scores 1: so the arms compare like with like while members come and go within a size
-    (a re-check drafting at 16 members must not be judged against roots-only cycles run at 9). A size measured under both arms keeps
-    the faster; a size not yet measured under both follows the nearest size that is (the first explores both,
-    `explore` cycles each, roots only first); and `period` cycles after, the other arm runs `explore` cycles to re-check. Each
-    re-check that keeps the same winner doubles the wait before the next (up to `max_period`), or quadruples it when
-    the loser ran below `clear` times the winner's tokens/s, so a server that stays at one load stops paying for a
-    losing arm it already knows, the sooner the more clearly it lost; a re-check that flips resets it."""
+    same member count (their running mean per count; the nearest count's, in proportion, for a count without
+    one), a roots-only cycle scores 1: so the arms compare like with like while members come and go within a size
+    (a re-check drafting at 16 members must not be judged against roots-only cycles run at 9).
+
+    A size measured under both arms keeps the better; a size not yet measured under both follows the nearest size
+    that is (the first explores both, `explore` cycles each, roots only first); and `period` cycles after, the
+    other arm runs `explore` cycles to re-check. Each re-check that keeps the same winner doubles the wait before
+    the next (up to `max_period`), or quadruples it when the loser scored below `clear` times the winner, so a
+    server that stays at one load stops paying for a losing arm it already knows, the sooner the more clearly it
+    lost; a re-check that flips resets it."""
 
     def __init__(self, explore: int = 6, period: int = 60, max_period: int = 960, clear: float = 0.8):
         self.explore, self.period, self.max_period, self.clear = explore, period, max_period, clear

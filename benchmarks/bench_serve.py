@@ -101,6 +101,9 @@ async def reference_pass(client: httpx.AsyncClient, prompts: list[str], args) ->
     return texts
 
 
+PER_REQUEST = ("prompt", "start_s", "ttft_s", "latency_s", "tokens", "tau", "draft_calls")  # kept for each request
+
+
 async def load_phase(client: httpx.AsyncClient, prompts: list[str], reference: list[str], args, speculation,
                      clients: int, temperature: float) -> dict:
     """`clients` workers share clients * --requests-per-client requests (bounded by --duration)."""
@@ -139,8 +142,7 @@ async def load_phase(client: httpx.AsyncClient, prompts: list[str], reference: l
         "latency_p50_s": percentile(lat, 50), "latency_p99_s": percentile(lat, 99),
         "mean_tau": mean("tau"), "mean_draft_calls_per_cycle": mean("draft_calls"),
         "stopped_by_duration": len(records) < n_requests,
-        "per_request": [{k: r.get(k) for k in ("prompt", "start_s", "ttft_s", "latency_s", "tokens", "tau", "draft_calls")}
-                        for r in ok],
+        "per_request": [{k: r.get(k) for k in PER_REQUEST} for r in ok],
     }
 
 

@@ -249,7 +249,7 @@ class DraftOrNot:
 
     def __init__(self, explore: int = 6, period: int = 60, max_period: int = 960, clear: float = 0.8):
         self.explore, self.period, self.max_period, self.clear = explore, period, max_period, clear
-        self.rates: dict[tuple[int, bool], float] = {}  # (size, arm) -> running score
+        self.rates: dict[tuple[int, bool], float] = {}  # (size, arm) -> running score (1 for roots only)
         self._roots: dict[int, float] = {}  # member count -> running tokens/s of its roots-only cycles
         self.cycles: dict[int, int] = {}
         self._arm: dict[int, bool] = {}
@@ -291,7 +291,8 @@ class DraftOrNot:
             start = self._next.setdefault(b, max(self.period, n))
             if n >= start + self.explore:  # a re-check just ended: wait longer if it changed nothing
                 gap = self._gap.get(b, self.period)
-                self._gap[b] = min(self._growth(b) * gap, self.max_period) if self._winner.get(b) == best else self.period
+                kept = self._winner.get(b) == best
+                self._gap[b] = min(self._growth(b) * gap, self.max_period) if kept else self.period
                 start = self._next[b] = n + self._gap[b]
             if n == start:
                 self._winner[b] = best

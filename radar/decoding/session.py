@@ -183,7 +183,6 @@ class Speculation:
         self.cache = target.new_cache(max_len)
         drafter.begin(max_len)
         self.target_pending = self.draft_pending = torch.tensor(prompt_ids, device=target.device)
-        self._undrafted: list[int] = []  # bonus tokens of undrafted cycles, to join draft_pending when it is read
         self.capture = LayerCapture(drafter.capture) if drafter.capture else None
         self.target_pending = prefill(target, self.cache, self.target_pending, self.capture)
         if self.capture is not None and self.capture.hidden is not None:
@@ -213,6 +212,7 @@ class Speculation:
 
     @draft_pending.setter
     def draft_pending(self, tokens: torch.Tensor) -> None:
+        # _undrafted: bonus tokens of undrafted cycles since, joined to the tensor when it is next read
         self._draft_pending, self._undrafted = tokens, []
 
     def commit(self, tree: DraftTree, path: list[int], base: int, bonus: int) -> list[int]:

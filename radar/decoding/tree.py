@@ -14,7 +14,6 @@ choose the cycle's verification budget once drafting ends (`choose_budget`).
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 
 import torch

@@ -356,3 +356,25 @@ def test_logprobs_are_the_targets_own_distribution_for_every_method(pair):
     want = [float(logp[len(ids) - 1 + i, t]) for i, t in enumerate(ar.token_ids)]
     assert [lp for lp, _ in spec.logprobs] == pytest.approx(want, abs=1e-4)
     assert Method.parse("tree:3").speculative
+
+
+def _drafted_runs(rate_of_cycle, cycles: int = 200) -> list[tuple[int, int]]:
+    """(start, length) of every run of drafted cycles under DraftOrNot(explore=6, quick=2) at 16 members, roots
+    only yielding 40 tokens/s and drafting `rate_of_cycle(cycle)`."""
+    arms, drafted = DraftOrNot(explore=6, period=30, max_period=1000, clear=0.8, quick=2), []
+    for cycle in range(cycles):
+        drafted.append(arms.draft(16))
+        arms.observe(16, rate_of_cycle(cycle) if drafted[-1] else 40.0)
+    starts = [c for c in range(cycles) if drafted[c] and (c == 0 or not drafted[c - 1])]
+    return [(s, next((c for c in range(s, cycles) if not drafted[c]), cycles) - s) for s in starts]
+
+
+def test_draft_or_not_cuts_a_check_short_once_drafting_clearly_loses():
+    assert [n for _, n in _drafted_runs(lambda c: 20.0)] == [2, 2, 2]  # half the rate: two cycles tell
+    assert [n for _, n in _drafted_runs(lambda c: 36.0)] == [6, 6, 6]  # a close loss is measured in full
+
+
+def test_draft_or_not_still_switches_to_drafting_once_it_pays():
+    runs = _drafted_runs(lambda c: 20.0 if c < 60 else 80.0)
+    assert runs[0] == (6, 2)  # cut short while it lost
+    assert sum(min(s + n, 200) - max(s, 160) for s, n in runs if s + n > 160) >= 36  # then drafts 90% of cycles

@@ -245,10 +245,13 @@ class DraftOrNot:
     other arm runs `explore` cycles to re-check. Each re-check that keeps the same winner doubles the wait before
     the next (up to `max_period`), or quadruples it when the loser scored below `clear` times the winner, so a
     server that stays at one load stops paying for a losing arm it already knows, the sooner the more clearly it
-    lost; a re-check that flips resets it."""
+    lost; a re-check that flips resets it. A check (the first look at the drafted arm included) ends after `quick`
+    cycles once the arm it explores has scored below `clear` times the other: at a load where drafting loses
+    clearly each drafted cycle costs a few roots-only ones, and the first `quick` already tell."""
 
-    def __init__(self, explore: int = 6, period: int = 60, max_period: int = 960, clear: float = 0.8):
-        self.explore, self.period, self.max_period, self.clear = explore, period, max_period, clear
+    def __init__(self, explore: int = 6, period: int = 60, max_period: int = 960, clear: float = 0.8,
+                 quick: int = 2):
+        self.explore, self.period, self.max_period, self.clear, self.quick = explore, period, max_period, clear, quick
         self.rates: dict[tuple[int, bool], float] = {}  # (size, arm) -> running score (1 for roots only)
         self._roots: dict[int, float] = {}  # member count -> running tokens/s of its roots-only cycles
         self.cycles: dict[int, int] = {}
@@ -257,6 +260,8 @@ class DraftOrNot:
         self._gap: dict[int, int] = {}  # per size: the wait before the one after
         self._winner: dict[int, bool] = {}  # per size: the arm that led when its current re-check began
         self._first: int | None = None  # the size explored first
+        self._probe: dict[int, list[float]] = {}  # per size: the scores of the check under way (absent between checks)
+        self._cut: dict[int, int] = {}  # per size: the cycle its check under way ends at, when cut short
 
     @staticmethod
     def bucket(members: int) -> int:
@@ -283,22 +288,47 @@ class DraftOrNot:
         n = self.cycles.get(b, 0)
         best = self._best(b)
         self._first = b if self._first is None else self._first
-        if best is None or (b == self._first and n < 2 * self.explore):
+        if best is None or (b == self._first and n < self._end(b, self.explore)):
             # The first size measured explores both, roots only first: so the batch's tokens/s is known when
             # load-aware trees are first cut by it.
-            arm = n >= self.explore
+            arm = probing = n >= self.explore
+            if n == self.explore:
+                self._begin(b)
         else:
             start = self._next.setdefault(b, max(self.period, n))
-            if n >= start + self.explore:  # a re-check just ended: wait longer if it changed nothing
+            if n >= self._end(b, start):  # a re-check just ended: wait longer if it changed nothing
                 gap = self._gap.get(b, self.period)
                 kept = self._winner.get(b) == best
                 self._gap[b] = min(self._growth(b) * gap, self.max_period) if kept else self.period
                 start = self._next[b] = n + self._gap[b]
             if n == start:
                 self._winner[b] = best
-            arm = (not best) if start <= n < start + self.explore else best
+                self._begin(b)
+            probing = start <= n < self._end(b, start)
+            arm = (not best) if probing else best
+        if not probing:
+            self._probe.pop(b, None)
         self._arm[b] = arm
         return arm
+
+    def _begin(self, b: int) -> None:
+        self._probe[b] = []
+        self._cut.pop(b, None)
+
+    def _end(self, b: int, start: int) -> int:
+        # Where the check starting at `start` ends: after `explore` cycles, or sooner once it was cut short (a
+        # cut from an earlier check, the first look at the drafted arm, lies before `start` and does not count).
+        cut = self._cut.get(b, start)
+        return min(start + self.explore, cut) if cut > start else start + self.explore
+
+    def _judge(self, b: int, arm: bool, score: float) -> None:
+        # Cut a check short once the arm it explores has clearly lost over its first `quick` cycles.
+        probe, other = self._probe.get(b), self.rates.get((b, not arm))
+        if probe is None or other is None:
+            return
+        probe.append(score)
+        if len(probe) >= self.quick and sum(probe) / len(probe) < self.clear * other:
+            self._cut[b] = self.cycles[b]
 
     def observe(self, members: int, tokens_per_s: float) -> None:
         """A cycle of the batch ended, run under the arm last chosen for its size."""
@@ -317,6 +347,7 @@ class DraftOrNot:
             return  # nothing to compare with yet (every size runs roots only first)
         key = (b, self._arm[b])
         self.rates[key] = score if key not in self.rates else 0.7 * self.rates[key] + 0.3 * score
+        self._judge(b, self._arm[b], score)
 
 
 @dataclass

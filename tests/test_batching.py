@@ -245,13 +245,22 @@ def test_draft_or_not_waits_longer_between_rechecks_that_change_nothing_and_rese
     assert windows(False, range(162, 250))[:2] == [170, 192]  # the winner flipped: back to 10, then 20
 
 
+def _drafted_runs(rate_of_cycle, cycles: int = 200, **settings) -> list[tuple[int, int]]:
+    """(start, length) of every run of drafted cycles under DraftOrNot(**settings) at 16 members, roots only
+    yielding 40 tokens/s and drafting `rate_of_cycle(cycle)`."""
+    arms = DraftOrNot(**{"explore": 6, "period": 30, "max_period": 1000, "clear": 0.8, "quick": 2, **settings})
+    drafted = []
+    for cycle in range(cycles):
+        drafted.append(arms.draft(16))
+        arms.observe(16, rate_of_cycle(cycle) if drafted[-1] else 40.0)
+    starts = [c for c in range(cycles) if drafted[c] and (c == 0 or not drafted[c - 1])]
+    return [(s, next((c for c in range(s, cycles) if not drafted[c]), cycles) - s) for s in starts]
+
+
 def test_draft_or_not_waits_four_times_longer_after_a_recheck_the_loser_lost_clearly():
     def recheck_starts(drafted_rate: float) -> list[int]:
-        arms, drafted = DraftOrNot(explore=2, period=10, max_period=1000, clear=0.8), []
-        for _ in range(300):
-            drafted.append(arms.draft(16))
-            arms.observe(16, drafted_rate if drafted[-1] else 40.0)
-        return [c for c in range(1, 300) if drafted[c] and not drafted[c - 1]]
+        runs = _drafted_runs(lambda c: drafted_rate, 300, explore=2, period=10)
+        return [start for start, _ in runs]
 
     assert recheck_starts(20.0) == [2, 10, 52, 214]  # at half the winner's rate: waits 10, 40, 160
     assert recheck_starts(38.0) == [2, 10, 32, 74, 156]  # a close loser: waits 10, 20, 40, 80
@@ -356,17 +365,6 @@ def test_logprobs_are_the_targets_own_distribution_for_every_method(pair):
     want = [float(logp[len(ids) - 1 + i, t]) for i, t in enumerate(ar.token_ids)]
     assert [lp for lp, _ in spec.logprobs] == pytest.approx(want, abs=1e-4)
     assert Method.parse("tree:3").speculative
-
-
-def _drafted_runs(rate_of_cycle, cycles: int = 200) -> list[tuple[int, int]]:
-    """(start, length) of every run of drafted cycles under DraftOrNot(explore=6, quick=2) at 16 members, roots
-    only yielding 40 tokens/s and drafting `rate_of_cycle(cycle)`."""
-    arms, drafted = DraftOrNot(explore=6, period=30, max_period=1000, clear=0.8, quick=2), []
-    for cycle in range(cycles):
-        drafted.append(arms.draft(16))
-        arms.observe(16, rate_of_cycle(cycle) if drafted[-1] else 40.0)
-    starts = [c for c in range(cycles) if drafted[c] and (c == 0 or not drafted[c - 1])]
-    return [(s, next((c for c in range(s, cycles) if not drafted[c]), cycles) - s) for s in starts]
 
 
 def test_draft_or_not_cuts_a_check_short_once_drafting_clearly_loses():

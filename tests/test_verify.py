@@ -12,7 +12,10 @@ import pytest
 import torch
 
 from radar.decoding.tree import DraftTree
-from radar.decoding.verify import Sampling, acceptance_distribution, next_token, target_probs, walk
+from scipy.stats import chisquare
+
+from radar.decoding import verify
+from radar.decoding.verify import Sampling, acceptance_distribution, draw, next_token, target_probs, walk
 
 
 def make_tree(parents: list[int], tokens: list[int]) -> DraftTree:
@@ -124,6 +127,20 @@ def test_next_token_draws_only_from_the_nucleus():
     gen = torch.Generator().manual_seed(0)
     draws = {next_token(logits, Sampling(1.0, 0.79), gen) for _ in range(300)}
     assert draws == {1, 3}
+
+
+def test_draw_follows_its_distribution():
+    probs = torch.tensor([0.05, 0.0, 0.4, 0.25, 0.0, 0.3])
+    gen = torch.Generator().manual_seed(3)
+    observed = torch.bincount(torch.tensor([draw(probs, gen) for _ in range(4000)]), minlength=6)
+    assert observed[1] == observed[4] == 0
+    support = probs > 0
+    assert chisquare(observed[support].numpy(), (probs[support] * 4000).numpy()).pvalue > 1e-3
+
+
+def test_draw_never_lands_past_the_last_likely_token_when_the_uniform_rounds_up(monkeypatch):
+    monkeypatch.setattr(verify.torch, "rand", lambda *a, **k: torch.ones(1, dtype=torch.float64))
+    assert draw(torch.tensor([0.5, 0.5, 0.0, 0.0]), None) == 1
 
 
 def test_greedy_next_token_is_the_argmax():

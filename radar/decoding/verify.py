@@ -60,7 +60,19 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     """Pick one token from a (V,) row of logits: argmax when greedy, else a draw from `target_probs`."""
     if sampling.greedy:
         return int(logits.argmax())
-    return int(torch.multinomial(target_probs(logits, sampling), 1, generator=generator))
+    return draw(target_probs(logits, sampling), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One index from a (V,) distribution by inverting its cumulative sum with a single uniform draw."""
+    # torch.multinomial draws one sample from a 49k vocabulary many times slower on a CPU than this does; float64
+    # keeps the cumulative sum's rounding far below any probability a float32 softmax can express.
+    cdf = probs.double().cumsum(0)
+    u = torch.rand(1, dtype=torch.float64, device=probs.device, generator=generator) * cdf[-1]
+    index = int(torch.searchsorted(cdf, u, right=True))  # right=True never lands on a zero-probability token
+    if index == cdf.numel():  # u * total rounded up to the total itself
+        index = int(probs.nonzero()[-1])
+    return index
 
 
 def verify_tree(

@@ -21,7 +21,7 @@ from radar.decoding import pair as pair_module
 from radar.decoding.drafters import SmallLMDrafter
 from radar.decoding.generate import generate_speculative
 from radar.decoding.gguf_quant import (GGUF_FILE, Blocks, GGUFLayoutError, Int4Linear, build_quantized, decode_blocks,
-                                       load_gguf_model)
+                                       load_gguf_model, quantize_blocks)
 from radar.decoding.model import ModelLoadError, Transformer
 from radar.decoding.pair import ModelPair, precision_of, resolve_precision
 from radar.decoding.stop import FixedDepth
@@ -83,6 +83,20 @@ def test_a_row_gets_the_same_bits_whatever_the_batch(kind):
     assert all(torch.equal(layer(x[:m]), together[:m]) for m in range(1, 14))
 
 
+def test_quantized_blocks_keep_every_weight_within_half_a_level():
+    w = torch.randn(24, 96, generator=torch.Generator().manual_seed(4)) * 0.3
+    blocks = quantize_blocks(w)
+    assert blocks.q.dtype == torch.int8 and blocks.zero is None
+    level = blocks.scale.repeat_interleave(32, dim=1)
+    assert bool(((blocks.dequantize() - w).abs() <= 0.5 * level + 1e-7).all())
+    assert bool((blocks.q.abs().amax(-1) >= 126).all())  # each block's largest weight uses the whole int8 range
+
+
+def test_a_matrix_of_a_partial_block_is_refused_for_quantization():
+    with pytest.raises(GGUFLayoutError, match="multiple of 32 columns"):
+        quantize_blocks(torch.ones(4, 40))
+
+
 # ---------------------------------------------------------------------------------------------------- model
 
 
@@ -139,6 +153,32 @@ def test_an_eagle3_head_drafts_losslessly_over_a_gguf_target_and_saves_without_i
         assert pair.generate(prompt, "tree:2", max_new_tokens=16).token_ids == ar
     pair.draft.save_pretrained(tmp_path / "again")
     assert Eagle3Head.from_pretrained(tmp_path / "again").embed_tokens is None
+
+
+def test_an_eagle3_head_loaded_beside_a_gguf_target_drafts_on_the_int4_kernel_losslessly(gguf_dir, tmp_path):
+    from tiny_models import make_tiny_eagle3
+
+    from radar.decoding.eagle3 import Eagle3Head
+
+    float_head = make_tiny_eagle3(Transformer.from_pretrained(gguf_dir), draft_vocab=64)
+    float_head.save_pretrained(tmp_path / "head")
+    pair = ModelPair.load(gguf_dir, tmp_path / "head", device="cpu", dtype="gguf")
+    assert isinstance(pair.draft.lm_head, Int4Linear) and isinstance(pair.draft.midlayer.mlp.down_proj, Int4Linear)
+    assert pair.draft.dtype == torch.bfloat16
+    for prompt in ([1, 70, 200], [5, 9, 31, 77, 140]):
+        ar = pair.generate(prompt, "ar", max_new_tokens=16).token_ids
+        assert pair.generate(prompt, "tree:2", max_new_tokens=16).token_ids == ar
+    # It proposes what the float head proposes: the same inputs give nearly the same draft logits.
+    float_head.bind(pair.target)
+    ids, positions = IDS[:, :8], torch.arange(8)[None]
+    features = torch.randn(1, 8, float_head.fc.in_features, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = float_head(ids, float_head.project(features), positions)[0]
+        quantized = pair.draft(ids, pair.draft.project(features), positions)[0].float()
+    assert (quantized - reference).abs().max() < 0.03 * reference.abs().max()
+    assert (quantized.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
+    with pytest.raises(ValueError, match="save the float head"):
+        pair.draft.save_pretrained(tmp_path / "again")
 
 
 def quantized_twin(model: Transformer) -> Transformer:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from radar.decoding.drafters import Drafter
+from radar.decoding.gguf_quant import Int4Linear
 from radar.decoding.model import (
     MLP,
     Attention,
@@ -162,12 +163,17 @@ class Eagle3Head(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The weights' dtype."""
-        return self.lm_head.weight.dtype
+        """The dtype the head computes in (bf16 once its linears are on the int4 kernel)."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the head's weights live."""
+        return self.norm.weight.device
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The hidden input (..., H) for target features (..., n_features * target hidden size)."""
-        return self.fc(features.to(self.dtype))  # a gguf target hands over bf16 features to a float32 head
+        return self.fc(features.to(self.dtype))  # a gguf target hands over bf16 features
 
     def target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """Target token ids of draft vocabulary ids."""
@@ -175,7 +181,7 @@ class Eagle3Head(nn.Module):
 
     def new_cache(self, max_len: int) -> KVCache:
         """An empty one-layer KV cache for `max_len` slots."""
-        return KVCache(self.config.layer, max_len, device=self.lm_head.weight.device, dtype=self.dtype)
+        return KVCache(self.config.layer, max_len, device=self.device, dtype=self.dtype)
 
     def forward(
         self,
@@ -258,6 +264,8 @@ class Eagle3Head(nn.Module):
         """Write config.json and model.safetensors in the layout SGLang and vLLM load."""
         from safetensors.torch import save_file
 
+        if any(isinstance(m, Int4Linear) for m in self.modules()):
+            raise ValueError("this EAGLE-3 head runs on the int4 kernel (quantized on load); save the float head")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps(self.config.to_json(), indent=2) + "\n")
@@ -309,7 +317,7 @@ class Eagle3Drafter(Drafter):
         self.cache = None
 
     def begin(self, max_len: int) -> None:
-        device, width = self.head.lm_head.weight.device, self.head.config.layer.hidden_size
+        device, width = self.head.device, self.head.config.layer.hidden_size
         self.cache = self.head.new_cache(max_len)
         self.hidden_out = torch.zeros(max_len, width, device=device, dtype=self.head.dtype)
         self.slot_tokens = torch.zeros(max_len, dtype=torch.long, device=device)

@@ -122,6 +122,28 @@ def decode_blocks(kind: str, raw: np.ndarray) -> Blocks:
                           "Q4_1, Q8_0, F32, F16, BF16); use --precision bfloat16 or float32")
 
 
+def quantize_blocks(weight: torch.Tensor) -> Blocks:
+    """Q8_0-style blocks of a float matrix: each block's 32 weights as int8 codes of one scale, its absmax / 127."""
+    rows, cols = weight.shape
+    if cols % GROUP:
+        raise GGUFLayoutError(f"a quantized matrix needs a multiple of {GROUP} columns, not {cols}")
+    w = weight.detach().float().view(rows, -1, GROUP)
+    # Rounded to the kernel's bf16 first, so the codes are chosen for the scale it will really apply.
+    scale = (w.abs().amax(-1) / 127).to(ACTIVATIONS).float()
+    q = (w / scale.clamp_min(1e-30)[..., None]).round().clamp(-128, 127).to(torch.int8)
+    return Blocks(q.view(rows, cols), scale, None)
+
+
+def quantize_linears(module: nn.Module) -> nn.Module:
+    """`module` with every bias-free nn.Linear whose inputs fill whole blocks on the int4 kernel (`quantize_blocks`)
+    and every other parameter in bf16, the kernel's activations: a draft beside a gguf target, whose calls read
+    one or a few rows. 8-bit codes, not 4: the draft then proposes what its float weights propose."""
+    for name, child in list(module.named_modules()):
+        if isinstance(child, nn.Linear) and child.bias is None and child.in_features % GROUP == 0:
+            module.set_submodule(name, Int4Linear(quantize_blocks(child.weight)))
+    return module.to(ACTIVATIONS).requires_grad_(False)
+
+
 # ------------------------------------------------------------------------------------------------------ layers
 
 

@@ -113,7 +113,7 @@ def _lm_head(head, x: torch.Tensor, calls: list[dict], segments: list[Segment]) 
 @torch.inference_mode()
 def packed_head_forward(head, calls: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`head(**call)` (an `Eagle3Head`) for every call, in one packed forward: (logits, hidden out) per call."""
-    segments, ids, positions = segments_of(calls, head.lm_head.weight.device)
+    segments, ids, positions = segments_of(calls, head.device)
     hidden = torch.cat([c["hidden"] for c in calls], dim=1)
     cos, sin = rope_angles(positions, head.inv_freq, head.dtype)
     x = head.midlayer(head.embed_tokens(ids).to(head.dtype), hidden, cos, sin, SegmentAttention(segments, 0), None, 0)

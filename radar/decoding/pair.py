@@ -13,7 +13,7 @@ from radar.decoding.chat import Message, render_chat
 from radar.decoding.drafters import Drafter, SmallLMDrafter
 from radar.decoding.eagle3 import Eagle3Drafter, Eagle3Head, is_eagle3_dir
 from radar.decoding.generate import generate_ar, generate_speculative
-from radar.decoding.gguf_quant import GGUF_FILE, load_gguf_model
+from radar.decoding.gguf_quant import GGUF_FILE, load_gguf_model, quantize_linears
 from radar.decoding.methods import Method
 from radar.decoding.model import ModelLoadError, Transformer
 from radar.decoding.session import GenerationResult, OnCommit
@@ -100,7 +100,8 @@ class ModelPair:
     ) -> "ModelPair":
         """Load a target (and optional draft: a small LM or an EAGLE-3 head, told apart by its config.json)
         checkpoint directory and the target's tokenizer; `dtype` is the target's precision (PRECISIONS); the draft
-        computes in the target's dtype, or float32 beside a gguf target."""
+        computes in the target's dtype; beside a gguf target an EAGLE-3 head runs on the same int4 kernel (its
+        linears quantized on load) and a small LM in float32."""
         dev = resolve_device(device)
         precision = resolve_precision(dtype, dev, model)
         if precision == "gguf":
@@ -113,6 +114,8 @@ class ModelPair:
         tree = tree or default_tree(dev, precision)
         if draft and is_eagle3_dir(draft):
             head = Eagle3Head.from_pretrained(draft, device=dev, dtype=dt).bind(target)
+            if precision == "gguf":  # a head's call reads its whole 20-40 MB of float weights for a row or two
+                head = quantize_linears(head)
             return cls(target, head, load_tokenizer(model), tree)
         draft_model = Transformer.from_pretrained(draft, device=dev, dtype=dt) if draft else None
         if draft_model is not None and draft_model.config.vocab_size != target.config.vocab_size:

@@ -35,7 +35,7 @@ from radar.common.prompts import load_prompts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAIN_SETS, TEST_SETS = ("mt_bench", "alpaca"), ("gsm8k", "mbpp")
-T_MAX, K, TREE_TOKENS = 8, 2, 12
+T_MAX, K, TREE_TOKENS = 8, 2, 12  # the defaults: the CPU tree of the bundled controllers' bf16 records
 REFERENCE_HIDDEN = ControllerConfig().hidden_size
 
 # What is compared: the reference algorithm as published, then our switches one by one. Same optimiser settings
@@ -65,7 +65,8 @@ VARIANTS = {
 def stage_costs(pair: ModelPair, work: Path, size: ControllerConfig) -> CostModel:
     path = work / "costs.json"
     if not path.exists():  # T_eye is timed on a controller of the size trained here: its cost depends on the size
-        profile_costs(pair, t_max=T_MAX, k=K, total_tokens=TREE_TOKENS, repeats=50, out=path,
+        tree = pair.tree
+        profile_costs(pair, t_max=tree.max_calls, k=tree.branching, total_tokens=tree.total_tokens, repeats=50, out=path,
                       controller=LSTMController(size))
     return CostModel.load(path)
 
@@ -76,8 +77,9 @@ def stage_collect(pair: ModelPair, work: Path, split: str, sets: tuple[str, ...]
     if not out.exists():
         prompts = [p for s in sets for p in load_prompts(s, limit)]
         t = time.perf_counter()
-        records = collect_records(pair, prompts, t_max=T_MAX, k=K, total_tokens=TREE_TOKENS, temperature=temperature,
-                                  max_new_tokens=128, seed=0)
+        tree = pair.tree
+        records = collect_records(pair, prompts, t_max=tree.max_calls, k=tree.branching,
+                                  total_tokens=tree.total_tokens, temperature=temperature, max_new_tokens=128, seed=0)
         write_records(records, out)
         print(f"{split} T={temperature:g}: {len(records)} records from {len(prompts)} prompts "
               f"in {time.perf_counter() - t:.0f}s")
@@ -104,14 +106,15 @@ def controller_speedup(result) -> float:
 
 
 def run(work: Path, temperatures: list[float], hidden: int, variants: list[str], limits: tuple[int | None, int | None],
-        dtype: str, collect_only: bool = False, seeds: tuple[int, ...] = (0,), costs: Path | None = None) -> None:
-    torch.set_num_threads(1)
+        dtype: str, collect_only: bool = False, seeds: tuple[int, ...] = (0,), costs: Path | None = None,
+        t_max: int = T_MAX, tree_tokens: int = TREE_TOKENS, threads: int = 1) -> None:
+    torch.set_num_threads(threads)  # the cost file is measured at this count: live runs should use the same
     target, draft = default_pair()
     pair = ModelPair.load(target, draft, device="cpu", dtype=dtype)
-    pair.tree = replace(pair.tree, branching=K, max_calls=T_MAX, total_tokens=TREE_TOKENS)
+    pair.tree = replace(pair.tree, branching=K, max_calls=t_max, total_tokens=tree_tokens)
     size = ControllerConfig(input_size=K, hidden_size=hidden, mlp_hidden=hidden)
     cost = CostModel.load(costs) if costs else stage_costs(pair, work, size)
-    budgets = default_budgets(TREE_TOKENS)
+    budgets = default_budgets(tree_tokens)
     print("costs:", cost.to_dict())
     for temperature in temperatures:
         train_path = stage_collect(pair, work, "train", TRAIN_SETS, temperature, limits[0])
@@ -152,7 +155,8 @@ def run(work: Path, temperatures: list[float], hidden: int, variants: list[str],
         RESULTS.mkdir(exist_ok=True)
         suffix = "" if hidden == REFERENCE_HIDDEN else f"-h{hidden}"
         precision = "" if dtype == "bfloat16" else f"-{dtype}"  # bf16: the bundled controllers' files
-        out = RESULTS / f"controller-demo{precision}-t{temperature:g}{suffix}.json"
+        tree = "" if (t_max, tree_tokens) == (T_MAX, TREE_TOKENS) else f"-calls{t_max}-nodes{tree_tokens}"
+        out = RESULTS / f"controller-demo{precision}{tree}-t{temperature:g}{suffix}.json"
         out.write_text(json.dumps({
             "temperature": temperature, "train_sets": TRAIN_SETS, "test_sets": TEST_SETS, "precision": dtype,
             "train_records": len(fit), "test_records": len(held), "controller": asdict(size), "costs": cost.to_dict(),
@@ -173,6 +177,11 @@ def main() -> None:
     ap.add_argument("--test-limit", type=int, default=None, help="prompts per held-out set (default: all)")
     ap.add_argument("--dtype", default="bfloat16", help="target precision: the bundled controllers' records were "
                     "collected in bfloat16 with the 12-node tree (gguf has its own 3-node tree)")
+    ap.add_argument("--t-max", type=int, default=T_MAX, help="draft calls per cycle at most in the records")
+    ap.add_argument("--tree-tokens", type=int, default=TREE_TOKENS, help="tree tokens verified per cycle in the "
+                    "records (gguf's live tree: --t-max 3 --tree-tokens 3)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (radar bench and generate use the "
+                    "machine's cores unless OMP_NUM_THREADS says otherwise)")
     ap.add_argument("--collect-only", action="store_true", help="profile and collect, train nothing")
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds (the spread is reported)")
     ap.add_argument("--costs", type=Path, default=None, help="a cost file to price with (default: WORK/costs.json, "
@@ -184,7 +193,7 @@ def main() -> None:
         ap.error(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
     run(args.work, [float(t) for t in args.temperatures.split(",")], args.hidden, variants,
         (args.train_limit, args.test_limit), args.dtype, args.collect_only,
-        tuple(int(x) for x in args.seeds.split(",")), args.costs)
+        tuple(int(x) for x in args.seeds.split(",")), args.costs, args.t_max, args.tree_tokens, args.threads)
 
 
 if __name__ == "__main__":

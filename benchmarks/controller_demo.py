@@ -31,6 +31,7 @@ from radar.controller.simulate import simulate
 from radar.controller.train import TrainConfig, train
 from radar.decoding.pair import ModelPair
 from radar.ops.models import default_pair
+from radar.ops.train import drafting_verdict
 from radar.common.prompts import load_prompts
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -96,7 +97,7 @@ def stage_train(work: Path, name: str, records_path: Path, cost: CostModel, temp
         t = time.perf_counter()
         controller, history = train(records, cfg, size, progress=False)
         controller.save(out, meta={"train": cfg.to_dict(), "records": str(records_path),
-                                   "train_s": time.perf_counter() - t})
+                                   "train_s": time.perf_counter() - t, **drafting_verdict(controller, records, cost)})
     return out
 
 

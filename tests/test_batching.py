@@ -376,3 +376,16 @@ def test_draft_or_not_still_switches_to_drafting_once_it_pays():
     runs = _drafted_runs(lambda c: 20.0 if c < 60 else 80.0)
     assert runs[0] == (6, 2)  # cut short while it lost
     assert sum(min(s + n, 200) - max(s, 160) for s, n in runs if s + n > 160) >= 36  # then drafts 90% of cycles
+
+
+def test_a_batched_request_whose_controller_does_not_draft_decodes_with_the_target_alone(pair):
+    from radar.controller.policy import ControllerConfig, ControllerPolicy, LSTMController
+
+    controller = LSTMController(ControllerConfig(input_size=2, hidden_size=8, mlp_hidden=8))
+    rv = Rendezvous()
+    policy = LoadAware(ControllerPolicy(controller, drafts=False), rv, VerifyCurve([1, 8], [0.01, 0.02]))
+    prompt = random_ids(6, pair.target.config.vocab_size, seed=11)[0].tolist()
+    with rv.member():
+        res = pair.batched(rv).generate(prompt, "radar", max_new_tokens=12, policy=policy)
+    assert res.token_ids == pair.generate(prompt, "ar", max_new_tokens=12).token_ids
+    assert res.stats.draft_calls_per_cycle == []

@@ -132,3 +132,13 @@ def test_generate_sends_a_chat_turn_unless_raw(tiny_pair):
     # The tiny tokenizer has no chat template: the turn is the plain "Question: ...\nAnswer:" layout, longer than
     # the raw text.
     assert chat["prompt_tokens"] > raw["prompt_tokens"] >= 1
+
+
+def test_generate_defaults_to_radar_only_in_gguf_on_the_default_pair():
+    from radar.cli.decode import default_method
+
+    assert default_method("gguf", has_draft=True, default_pair=True) == "radar"
+    assert default_method("gguf", has_draft=True, default_pair=False) == "chain:1"  # the bundled controllers are not its
+    assert default_method("bfloat16", has_draft=True, default_pair=False) == "tree:3"
+    assert default_method("float32", has_draft=True, default_pair=True) == "ar"
+    assert default_method("gguf", has_draft=False, default_pair=False) == "ar"

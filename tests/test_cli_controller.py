@@ -52,3 +52,19 @@ def test_train_into_a_directory_holding_other_files_replaces_only_the_controller
            "--no-track")
     assert (out / "demo" / "keep.txt").read_text() == "mine"
     assert {p.name for p in out.iterdir()} == {"demo", "controller.json", "model.safetensors"}
+
+
+def test_train_marks_a_controller_that_cannot_beat_the_target_alone_as_not_drafting(tmp_path):
+    from radar.controller.dataset import write_records
+    from radar.controller.mdp import CostModel
+    from radar.controller.policy import DRAFTS_KEY, LSTMController
+    from radar.controller.synthetic import synthetic_records
+
+    write_records(synthetic_records(80, t_max=4, k=4, seed=0), tmp_path / "records" / "r.parquet")
+    for name, ar_step in (("pays", 0.05), ("loses", 0.001)):  # a cycle costs >= 0.02 s: 20x a cheap AR token
+        CostModel(T_0=0.02, T_f=0.002, T_eye=0.0001, t_max=4, ar_step=ar_step).save(tmp_path / f"{name}.json")
+        invoke("train", "--data", str(tmp_path / "records"), "--out", str(tmp_path / name), "--epochs", "1",
+               "--hidden-size", "8", "--costs", str(tmp_path / f"{name}.json"), "--no-track")
+    meta = {name: LSTMController.read_meta(tmp_path / name) for name in ("pays", "loses")}
+    assert meta["pays"][DRAFTS_KEY] is True and meta["pays"]["simulated_speedup"] > 1
+    assert meta["loses"][DRAFTS_KEY] is False and meta["loses"]["simulated_speedup"] < 1

@@ -34,8 +34,17 @@ def test_the_default_pair_and_controllers_are_part_of_what_the_wheel_checks():
 
     data = ROOT / "radar" / "data"
     for needed in (BUNDLED_HEAD / "model.safetensors", BUNDLED_CONTROLLER / "greedy" / "controller.json",
-                   BUNDLED_CONTROLLER / "sampled" / "model.safetensors"):
+                   BUNDLED_CONTROLLER / "sampled" / "model.safetensors",
+                   BUNDLED_CONTROLLER / "gguf" / "greedy" / "controller.json",
+                   BUNDLED_CONTROLLER / "gguf" / "sampled" / "model.safetensors"):
         assert needed.is_file() and needed.is_relative_to(data)
+
+
+def test_a_gguf_target_gets_the_controllers_bundled_for_gguf():
+    from radar.ops.models import BUNDLED_CONTROLLER, controller_path
+
+    assert controller_path(None, "gguf") == BUNDLED_CONTROLLER / "gguf"
+    assert controller_path(None, "bfloat16") == controller_path(None) == BUNDLED_CONTROLLER
 
 
 def test_an_installation_missing_its_bundled_controller_says_so_instead_of_falling_back(monkeypatch, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from radar.controller.policy import ControllerConfig, LSTMController
+from radar.controller.policy import DRAFTS_KEY, ControllerConfig, LSTMController
 from radar.controller.rules import threshold_controller
 from radar.decoding.methods import Method
 from radar.decoding.pair import ModelPair
@@ -150,3 +150,20 @@ def test_a_controller_with_a_budget_head_picks_each_cycles_tree_size_losslessly(
     assert res.token_ids == pair.generate(prompt, "ar", max_new_tokens=24).token_ids
     assert set(res.stats.tree_tokens_per_cycle) <= {1, 2, 3, 6}  # a one-call pool holds only 2 nodes
     assert len(set(res.stats.tree_tokens_per_cycle)) > 1
+
+
+def test_a_controller_whose_training_found_drafting_slower_decodes_with_the_target_alone(tiny_pair, mixed_controller,
+                                                                                          tmp_path):
+    slow = LSTMController.load(mixed_controller).save(tmp_path / "slow", meta={DRAFTS_KEY: False})
+    pair = attach_controller(ModelPair.load(*tiny_pair, device="cpu", dtype="float32"), slow)
+    prompt = random_ids(8, pair.target.config.vocab_size, seed=8)[0].tolist()
+    res = pair.generate(prompt, "radar", max_new_tokens=16)
+    assert res.token_ids == pair.generate(prompt, "ar", max_new_tokens=16).token_ids
+    assert res.stats.draft_calls_per_cycle == [] and res.stats.target_calls == 16
+
+
+def test_always_draft_overrides_a_controller_that_says_not_to(tiny_pair, mixed_controller, tmp_path):
+    slow = LSTMController.load(mixed_controller).save(tmp_path / "slow", meta={DRAFTS_KEY: False})
+    pair = attach_controller(ModelPair.load(*tiny_pair, device="cpu", dtype="float32"), slow, always_draft=True)
+    prompt = random_ids(8, pair.target.config.vocab_size, seed=8)[0].tolist()
+    assert pair.generate(prompt, "radar", max_new_tokens=16).stats.mean_draft_calls >= 1

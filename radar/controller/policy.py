@@ -38,6 +38,10 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "controller.json"
 FORMAT = "radar-controller"
 FORMAT_VERSION = 1
+# The meta key training sets to False when, under its cost model, the trained policy decodes slower than the target
+# alone: then `radar` does not draft at all (the decision before a cycle's first call, which the LSTM cannot make
+# since its state starts fresh each cycle, is one constant per controller). Absent means True.
+DRAFTS_KEY = "drafts"
 
 STOP, CONTINUE = 0, 1
 
@@ -197,6 +201,11 @@ class LSTMController(nn.Module):
         """The `meta` dict stored by `save` (training config, cost model, metrics ...)."""
         return json.loads((Path(directory) / CONFIG_FILE).read_text()).get("meta", {})
 
+    @staticmethod
+    def drafts_at(directory: str | Path) -> bool:
+        """Whether the controller saved in `directory` should draft at all (its meta's `DRAFTS_KEY`; True if unset)."""
+        return bool(LSTMController.read_meta(directory).get(DRAFTS_KEY, True))
+
     @classmethod
     def load_reference(
         cls, path: str | Path, config: ControllerConfig | None = None, map_location: str | torch.device = "cpu"
@@ -277,12 +286,13 @@ class ControllerPolicy:
     `greedy=True` takes the argmax action (continue when logit[1] > logit[0]); `greedy=False` samples it, as the
     reference does at inference, from its own generator seeded with `seed`. On the CPU a decision is one compiled
     call (`CpuStep`), elsewhere the PyTorch step. Puts the controller in eval mode. Counters: `decisions`,
-    `continues`, `cycles`.
+    `continues`, `cycles`. `drafts=False` asks the decoder not to draft at all (`DRAFTS_KEY`).
     """
 
-    def __init__(self, controller: LSTMController, greedy: bool = True, seed: int = 0):
+    def __init__(self, controller: LSTMController, greedy: bool = True, seed: int = 0, drafts: bool = True):
         self.controller = controller.eval()
         self.greedy = greedy
+        self.drafts = drafts
         self.device = next(controller.parameters()).device
         self.rng = random.Random(seed)  # far cheaper per draw than a torch.rand inside the draft loop
         if self.device.type == "cpu":

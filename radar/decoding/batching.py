@@ -363,6 +363,11 @@ class LoadAware:
     def reset(self) -> None:
         self.inner.reset()
 
+    @property
+    def drafts(self) -> bool:
+        """Whether the request drafts at all: its own policy's say (`ControllerPolicy.drafts`)."""
+        return getattr(self.inner, "drafts", True)
+
     def _bar(self, extra: int) -> float:
         # The draft probability a node needs: batch tokens/s times the seconds its verification adds. Alone, a
         # request keeps its policy's own choices, which its cost model already priced for batch size 1.

@@ -181,9 +181,11 @@ class ModelPair:
         reports each token's log-prob and the n likeliest alternatives (`GenerationResult.logprobs`)."""
         method = Method.parse(method) if isinstance(method, str) else method
         generator = torch.Generator(self.target.device).manual_seed(seed)
-        if method.kind == "ar":
+        if method.speculative:
+            policy = policy or self.stop_rule(method, sampling, seed)
+        # A controller whose training found drafting slower than the target alone, here, runs the target alone.
+        if not method.speculative or not getattr(policy, "drafts", True):
             return generate_ar(self.target, prompt_ids, sampling, max_new_tokens, generator, on_commit, logprobs)
-        policy = policy or self.stop_rule(method, sampling, seed)
         if method.kind in ("radar", "threshold"):
             cfg = replace(self.tree, total_tokens=method.budget or self.tree.total_tokens)
         elif method.kind == "chain":

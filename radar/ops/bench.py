@@ -124,10 +124,14 @@ def run_bench(
     results = {}
     for method, reps in runs.items():
         median = sorted(reps, key=lambda r: r.wall_s)[len(reps) // 2]
+        # No cycles: the target alone decoded (ar, hf, a radar controller that does not draft), except for
+        # prompt lookup, whose cycles transformers does not report.
+        alone = method != "hf-pld"
         results[method] = {
             "tokens_per_s": median.new_tokens / median.wall_s,
-            "tau": statistics.fmean(median.accept_lengths) if median.accept_lengths else (1.0 if method in ("ar", "hf") else None),
-            "draft_calls_per_cycle": statistics.fmean(median.draft_calls) if median.draft_calls else (0.0 if method in ("ar", "hf") else None),
+            "tau": statistics.fmean(median.accept_lengths) if median.accept_lengths else (1.0 if alone else None),
+            "draft_calls_per_cycle": (statistics.fmean(median.draft_calls) if median.draft_calls
+                                      else (0.0 if alone else None)),
             "wall_s": median.wall_s,
             "wall_s_repeats": [r.wall_s for r in reps],
             "new_tokens": median.new_tokens,

@@ -27,6 +27,7 @@ from radar.controller.policy import LSTMController
 from radar.controller.simulate import controller_choices, controller_depths, threshold_depths
 from radar.decoding.methods import Method
 from radar.ops.bench import BenchConfig, run_bench
+from radar.decoding.pair import precision_of
 from radar.ops.models import attach_controller, controller_path, load_pair, model_paths
 
 
@@ -127,7 +128,8 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     pair.tree = replace(pair.tree, branching=records.k, max_calls=records.t_max)
     controller = None
     if any(m.kind == "radar" for m in methods):
-        attach_controller(pair, run.controller)
+        # Calibration prices the controller's drafting cycles: radar drafts here even where its meta says not to.
+        attach_controller(pair, run.controller, always_draft=True)
         controller = pair.stop_policy(0, _sampling(temperatures)).controller
     if cost is None:
         from radar.controller.profile import profile_costs
@@ -147,7 +149,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
             "residual_ms_per_cycle": got["ms_per_cycle"] - got["priced_ms_per_cycle"],
         }
     out = {"config": asdict(cfg), "records": len(records), "prompts": len(prompts), "tree": asdict(pair.tree),
-           "controller": str(controller_path(run.controller)) if controller is not None else None,
+           "controller": str(controller_path(run.controller, precision_of(pair.target))) if controller else None,
            "methods": rows, "ar_tokens_per_s": bench["methods"]["ar"]["tokens_per_s"],
            "predicted_ar_tokens_per_s": 1 / cost.ar_time, "cost": cost.to_dict()}
     if cfg.out:

@@ -5,14 +5,18 @@ controllers bundled for the default pair).
 A controller directory may also be a pair: `greedy/` and `sampled/` controller directories, used for temperature 0
 and for sampling respectively. Acceptance behaves so differently in the two regimes (the best fixed depth is 4 at
 T=0 and 2 at T=1 on the default pair: benchmarks/README.md) that each gets its own; the bundled controllers are such
-a pair."""
+a pair. The bundled ones come per precision: `controller/` for bf16's 12-node tree, `controller/gguf/` for gguf's
+3-node tree, each trained on records and costs measured in that precision.
+
+A controller whose training found that no drafting it does beats the target alone under its cost model says so in
+its meta (`radar.controller.policy.DRAFTS_KEY`); method radar then decodes with the target alone."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
 
-from radar.decoding.pair import ModelPair
+from radar.decoding.pair import ModelPair, precision_of
 from radar.decoding.tree import TreeConfig
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -75,14 +79,16 @@ def load_pair(
     return pair
 
 
-def controller_path(spec: str | Path | None) -> Path:
-    """A local controller path for `spec`: a path, a `models:/name@alias` registry URI, or None for the bundled one."""
+def controller_path(spec: str | Path | None, precision: str | None = None) -> Path:
+    """A local controller path for `spec`: a path, a `models:/name@alias` registry URI, or None for the one bundled
+    for the default pair in `precision` (gguf has its own: its tree and costs differ)."""
     if spec is None:
         from radar.controller.policy import CONFIG_FILE, WEIGHTS_FILE
 
+        bundled = BUNDLED_CONTROLLER / "gguf" if precision == "gguf" else BUNDLED_CONTROLLER
         for regime in ("greedy", "sampled"):
-            check_bundled(BUNDLED_CONTROLLER / regime, (CONFIG_FILE, WEIGHTS_FILE))
-        return BUNDLED_CONTROLLER
+            check_bundled(bundled / regime, (CONFIG_FILE, WEIGHTS_FILE))
+        return bundled
     text = str(spec)
     if text.startswith("models:/"):
         return download_controller(text)
@@ -92,23 +98,27 @@ def controller_path(spec: str | Path | None) -> Path:
     return path
 
 
-def attach_controller(pair: ModelPair, spec: str | Path | None = None, greedy: bool = True) -> ModelPair:
-    """Give `pair` a RADAR stop policy from the controller at `spec` (see `controller_path`); returns `pair`."""
-    from radar.controller.policy import ControllerPolicy, load_controller
+def attach_controller(pair: ModelPair, spec: str | Path | None = None, greedy: bool = True,
+                      always_draft: bool = False) -> ModelPair:
+    """Give `pair` a RADAR stop policy from the controller at `spec` (see `controller_path`); returns `pair`.
+    `always_draft` drafts even where the controller's meta says the target alone is faster."""
+    from radar.controller.policy import ControllerPolicy, LSTMController, load_controller
 
-    path = controller_path(spec)
+    path = controller_path(spec, precision_of(pair.target))
     device = pair.target.device
-    if (path / "greedy").is_dir() and (path / "sampled").is_dir():
-        by_regime = {True: load_controller(path / "greedy", device), False: load_controller(path / "sampled", device)}
-    else:
-        by_regime = dict.fromkeys((True, False), load_controller(path, device))
+    dirs = {True: path / "greedy", False: path / "sampled"}
+    if not all(d.is_dir() for d in dirs.values()):
+        dirs = dict.fromkeys((True, False), path)
+    by_regime = {g: load_controller(d, device) for g, d in dirs.items()}
+    # A reference .pt file has no meta: it drafts.
+    drafts = {g: always_draft or not d.is_dir() or LSTMController.drafts_at(d) for g, d in dirs.items()}
     for controller in by_regime.values():  # a state of k scores from a tree of another branching is meaningless
         if controller.k != pair.tree.branching:
             raise ValueError(f"controller {path} reads the frontier of a branching-{controller.k} tree, but this "
                              f"pair drafts with branching {pair.tree.branching}: use a controller trained on records "
                              f"of branching {pair.tree.branching} (radar collect/train)")
     pair.stop_policy = lambda seed, sampling: ControllerPolicy(
-        by_regime[sampling.temperature == 0], greedy=greedy, seed=seed)
+        by_regime[sampling.temperature == 0], greedy=greedy, seed=seed, drafts=drafts[sampling.temperature == 0])
     return pair
 
 

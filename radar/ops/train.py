@@ -10,8 +10,9 @@ from typing import Callable
 from radar.common.files import new_files_in
 from radar.controller.budgets import parse_budgets
 from radar.controller.dataset import RecordSet, read_records, train_test_split
-from radar.controller.policy import ControllerConfig
-from radar.controller.train import TrainConfig, train
+from radar.controller.mdp import CostModel
+from radar.controller.policy import DRAFTS_KEY, ControllerConfig, LSTMController
+from radar.controller.train import TrainConfig, evaluate_controller, train
 
 
 
@@ -47,6 +48,13 @@ def split_records(data: str | Path, eval_fraction: float, seed: int) -> tuple[Re
     return records, fit, held
 
 
+def drafting_verdict(controller: LSTMController, records: RecordSet, cost: CostModel) -> dict:
+    """Meta saying whether the controller should draft at all: only if its simulated speed on `records`, priced by
+    the cost model it was trained with, beats the target alone (`DRAFTS_KEY`)."""
+    speedup = evaluate_controller(controller, records, cost).speedup
+    return {DRAFTS_KEY: speedup >= 1.0, "simulated_speedup": speedup}
+
+
 def train_controller(job: TrainJob, on_epoch: Callable[[dict], None] | None = None) -> TrainOutcome:
     """Train, save the controller's files into `job.out` (each replaced atomically, nothing else there touched), and
     log params, per-epoch metrics and the controller to MLflow."""
@@ -71,7 +79,8 @@ def train_controller(job: TrainJob, on_epoch: Callable[[dict], None] | None = No
                                     eval_records=held if len(held) else None)
         with new_files_in(job.out) as tmp:
             controller.save(tmp, meta={"train": job.train.to_dict(), "records": str(job.data),
-                                       "history": history.epochs[-1:]})
+                                       "history": history.epochs[-1:],
+                                       **drafting_verdict(controller, held if len(held) else fit, job.train.cost)})
             if job.track:
                 tracking.log_dir(tmp, tracking.CONTROLLER_ARTIFACT)
         run_id = run.info.run_id if job.track else None

@@ -363,6 +363,21 @@ def test_profile_costs_are_positive_and_the_cost_file_round_trips(pair, tmp_path
     assert CostModel.resolve(str(out)).t_gen(T_MAX) == pytest.approx(cost.t_gen(T_MAX))
 
 
+def test_profile_measures_the_cycle_and_the_ar_step_in_the_decoding_loop(pair, monkeypatch):
+    import time
+
+    import radar.decoding.generate as loop
+
+    def slowed(fn):  # 5 ms more per call, in the decoding loop only (the profile's own forwards import their own)
+        return lambda *a, **k: (time.sleep(0.005), fn(*a, **k))[1]
+
+    monkeypatch.setattr(loop, "walk", slowed(loop.walk))
+    monkeypatch.setattr(loop, "next_token", slowed(loop.next_token))
+    cost = profile_costs(pair, t_max=T_MAX, k=K, prompt_tokens=24, repeats=3, loop_tokens=12)
+    assert cost.T_c >= 0.005 > cost.meta["T_c_bookkeeping"]
+    assert cost.ar_step >= cost.meta["ar_forward"] + 0.004
+
+
 def test_profile_rejects_a_prompt_longer_than_the_context(pair):
     with pytest.raises(ValueError, match="prompt-tokens"):
         profile_costs(pair, prompt_tokens=pair.target.config.max_position_embeddings, repeats=1)

@@ -27,16 +27,19 @@ def profile(
                                               "untrained one of the reference size)."),
     device: opt.Device = "auto",
     dtype: opt.Dtype = "auto",
+    temperature: float = typer.Option(0.0, help="Sampling temperature of the decoding loop T_c and the AR step are "
+                                           "measured in: price records of this temperature with the file."),
 ) -> None:
-    """Measure the verification curve, T_f, T_eye, the per-cycle bookkeeping and the AR step on this hardware; write
-    a cost file."""
+    """Measure the verification curve, T_f, T_eye, the per-cycle cost beyond the forwards and the AR step (these
+    two in the decoding loop) on this hardware; write a cost file."""
     from radar.ops.profile import ProfileConfig, profile as run_profile
 
     with user_errors():
         model, draft = resolve_models(model, draft)
         cost = run_profile(ProfileConfig(out=str(out), model=str(model), draft=opt.path_or_none(draft), t_max=t_max,
                                          k=k, tree_tokens=tree_tokens, repeats=repeats,
-                                         controller=opt.path_or_none(controller), device=device, dtype=dtype))
+                                         controller=opt.path_or_none(controller), device=device, dtype=dtype,
+                                         temperature=temperature))
     curve = ", ".join(f"{n}: {v * 1e3:.1f}" for n, v in zip(cost.verify_tokens, cost.verify_s))
     Console().print(f"T_0 {cost.T_0 * 1e3:.2f} ms, T_f {cost.T_f * 1e3:.2f} ms, T_eye {cost.T_eye * 1e3:.3f} ms, "
                     f"T_c {cost.T_c * 1e3:.2f} ms, AR step {cost.ar_step * 1e3:.2f} ms -> {out}\n"

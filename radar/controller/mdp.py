@@ -14,7 +14,8 @@ Beyond Eq. 6 (both measured by `radar profile`, both absent from the paper's pre
     is not (a 12-token tree costs about 2x a 1-token one on the CPU default pair), so a policy that also chooses
     the verification budget, and any comparison of budgets, is priced with it: T_gen(t, n) = verify_time(n) +
     T_c + T_f * t + T_eye * (decisions).
-  - T_c, the per-cycle bookkeeping outside the forwards (rerank, acceptance walk, cache compaction), which a
+  - T_c, what a live cycle costs beyond the forwards above (rerank, acceptance walk, cache compaction, the
+    head's feature capture and feeding, the context growing), measured in the decoding loop (profile.py), which a
     flat T_0 left out and the live runs pay. Note on counting: in this repo's engine the controller is queried before every call after the
 first, so a cycle with t < t_max calls makes t queries and one with t_max calls makes t_max - 1; Eq. 6 charges one
 query more in both cases. That is a constant T_eye, i.e. the same as a T_0 larger by T_eye, so it never changes
@@ -66,7 +67,7 @@ class CostModel:
     # n = verify_tokens[j]. Empty: every tree costs T_0 (the paper's model, right on a GPU far from compute-bound).
     verify_tokens: list[int] = field(default_factory=list)
     verify_s: list[float] = field(default_factory=list)
-    T_c: float = 0.0  # per-cycle bookkeeping outside the forwards (rerank, acceptance walk, cache compaction)
+    T_c: float = 0.0  # what a live cycle costs beyond its forwards (bookkeeping, feature capture ...; profile.py)
     budget: int | None = None  # the tree tokens T_0 was measured with: depth-only policies verify this many
     meta: dict = field(default_factory=dict)  # free-form provenance (device, models, how it was measured)
 

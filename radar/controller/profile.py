@@ -9,12 +9,22 @@
     T_eye    one `ControllerPolicy.decide` (of `controller`, default a default-size `LSTMController`) inside real draft
              pools, between the model forwards, on their frontier scores (state building and
              one LSTM step).
-    ar_step  one plain one-token target forward on the same prefix, plus picking the token.
+    ar_step  seconds per token of the AR loop itself (`ModelPair.generate` with method ar, between commits),
+             decoding `loop_tokens` tokens after the prefix; the bare forward plus picking the token is kept in meta
+             (`ar_forward`).
 
     verify_s the verification curve: the same forward over the root plus n tree tokens for n = 1, 2, ... up to
              twice the budget (trees `select_tree` cuts from one full pool), since on a CPU its cost grows with n;
              made non-decreasing (`monotone`; the medians as measured are kept in meta).
-    T_c      the per-cycle bookkeeping outside those forwards: rerank, acceptance walk, cache compaction.
+    T_c      what a live cycle costs beyond the forwards priced above, measured in the loop: speculative decodes
+             of `loop_tokens` tokens at fixed depths (1 and t_max), at the temperature the costs are for (a sampled
+             walk costs more than an argmax), each cycle's time less its price without
+             T_c, averaged. It holds the rerank, the acceptance walk, cache compaction, the capture of the
+             target's features, the first draft call's feeding of the committed tokens, and the context growing
+             past the prefix. The bookkeeping alone, timed apart, is kept in meta (`T_c_bookkeeping`).
+
+Measuring the last two in the loop is what makes the simulator's tokens/s match a live run's: priced from
+forwards alone, a gguf cycle came out about 1 ms (5-7%) short of the live one (benchmarks/README.md).
 
 Each is the median of `repeats` timed runs after warm-up runs that are not counted; on a GPU every timing ends with
 `torch.cuda.synchronize`.
@@ -25,7 +35,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -115,6 +125,33 @@ def _check_settings(pair: ModelPair, t_max: int, prompt_tokens: int, repeats: in
         )
 
 
+def _random_prompt(pair: ModelPair, n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, pair.target.config.vocab_size, (n,), generator=gen).to(pair.target.device)
+
+
+def _loop_times(pair: ModelPair, cfg: TreeConfig, forwards: CostModel, prompt_tokens: int, tokens: int, runs: int,
+                seed: int, sampling: Sampling) -> tuple[list[float], list[float]]:
+    """(AR seconds per token, per-cycle residual beyond `forwards`' price) of `runs` live decodes each, at fixed
+    depths 1 and t_max, of `tokens` tokens from a random prompt (one uncounted warm-up decode first)."""
+    ids = _random_prompt(pair, prompt_tokens, seed).tolist()
+    loop = replace(pair, tree=cfg)
+    ar, residual = [], []
+    for r in range(runs + 1):
+        stamps: list[float] = []
+        loop.generate(ids, "ar", sampling, tokens, seed=r,
+                      on_commit=lambda _: stamps.append(time.perf_counter()) or True)
+        for depth in sorted({1, cfg.max_calls}):
+            stats = loop.generate(ids, f"tree:{depth}", sampling, tokens, seed=r).stats
+            priced = forwards.cycle_times(torch.tensor(stats.draft_calls_per_cycle),
+                                          torch.tensor(stats.tree_tokens_per_cycle), controller=False)
+            if r:
+                residual.append((sum(stats.cycle_s) - float(priced.sum())) / len(stats.cycle_s))
+        if r and len(stamps) > 1:
+            ar.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+    return ar, residual
+
+
 @dataclass
 class _Bench:
     """Both models on one cached prefix of random tokens; every timed run restarts from that prefix."""
@@ -140,8 +177,7 @@ class _Bench:
 def _bench(pair: ModelPair, prompt_tokens: int, max_len: int, seed: int) -> _Bench:
     """Prefill target and drafter with `prompt_tokens - 1` random tokens (content does not change a forward's cost)."""
     target, device = pair.target, pair.target.device
-    gen = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, target.config.vocab_size, (prompt_tokens,), generator=gen).to(device)
+    prompt = _random_prompt(pair, prompt_tokens, seed)
     prefix_len = prompt_tokens - 1
     cache = target.new_cache(max_len)
     drafter = pair.drafter()
@@ -264,8 +300,12 @@ def profile_costs(
     target_name: str | None = None,
     draft_name: str | None = None,
     controller: LSTMController | None = None,
+    loop_tokens: int = 48,
+    temperature: float = 0.0,
 ) -> CostModel:
-    """Measure T_0, T_f, T_eye and ar_step (seconds, medians) for `pair`; save the cost file to `out` if given."""
+    """Measure T_0, T_f, T_eye, the verification curve, T_c and ar_step (seconds) for `pair`, the last two in the
+    decoding loop over `loop_tokens` tokens at `temperature` (sampling costs more per cycle than argmax: module
+    docstring); save the cost file to `out` if given."""
     _check_settings(pair, t_max, prompt_tokens, repeats)
     total_tokens = pair.tree.total_tokens if total_tokens is None else total_tokens
     warmup = max(2, repeats // 4) if warmup is None else warmup
@@ -292,9 +332,15 @@ def profile_costs(
     eye_times = _decision_times(bench, cfg, verify, controller or LSTMController(), seed, repeats, warmup, device)
     ar_times = _timed(ar, device, repeats, warmup)
 
-    names = model_names(pair, target_name, draft_name)
     med = statistics.median
-    spread = {"T_0": verify_times, "T_f": call_times, "T_eye": eye_times, "ar_step": ar_times}
+    forwards = CostModel(T_0=med(verify_times), T_f=med(call_times), T_eye=med(eye_times), t_max=t_max,
+                         verify_tokens=list(curve), verify_s=monotone(list(curve.values())), budget=len(tree))
+    loop_ar, loop_residual = _loop_times(pair, cfg, forwards, prompt_tokens, loop_tokens, max(2, repeats // 10), seed,
+                                         Sampling(temperature))
+
+    names = model_names(pair, target_name, draft_name)
+    spread = {"T_0": verify_times, "T_f": call_times, "T_eye": eye_times, "ar_step": loop_ar or ar_times,
+              "T_c": loop_residual}
     meta = {
         "source": "radar.controller.profile.profile_costs", "device": _device_name(device),
         "precision": precision_of(target), "target": names[0], "draft": names[1],
@@ -302,10 +348,11 @@ def profile_costs(
         "k": k, "total_tokens": total_tokens, "verified_tokens": 1 + len(tree), "prompt_tokens": prompt_tokens,
         "repeats": repeats, "warmup": warmup, "statistic": "median", "verify_s_measured": list(curve.values()),
         "spread_s": {name: [min(v), max(v)] for name, v in spread.items()},
+        "loop_tokens": loop_tokens, "temperature": temperature, "ar_forward": med(ar_times),
+        "T_c_bookkeeping": med(overhead_times),
     }
-    cost = CostModel(T_0=med(verify_times), T_f=med(call_times), T_eye=med(eye_times), t_max=t_max,
-                     ar_step=med(ar_times), verify_tokens=list(curve), verify_s=monotone(list(curve.values())),
-                     T_c=med(overhead_times), budget=len(tree), meta=meta)
+    # The residual can come out a little negative where the forwards' medians overprice the loop's cycles.
+    cost = replace(forwards, ar_step=med(loop_ar or ar_times), T_c=max(statistics.fmean(loop_residual), 0.0), meta=meta)
     if out is not None:
         cost.save(out)
     return cost

@@ -22,7 +22,8 @@ class StopPolicy(Protocol):
         """After `calls` draft calls, with the frontier's cumulative log-probs: True to make one more call."""
 
     # Optional: `choose_budget(calls, frontier_scores) -> int | None`, asked once drafting has ended, picks how many
-    # tree tokens the target verifies this cycle (`build_tree`); the controller has one.
+    # tree tokens the target verifies this cycle (`build_tree`); the controller has one. And `drafts: bool`: False
+    # makes `ModelPair.generate` decode with the target alone (a controller trained where drafting does not pay).
 
 
 class FixedDepth:

@@ -135,7 +135,8 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         from radar.controller.profile import profile_costs
 
         cost = profile_costs(pair, t_max=records.t_max, k=records.k, total_tokens=records.budget or None,
-                             repeats=cfg.profile_repeats, controller=controller)
+                             repeats=cfg.profile_repeats, controller=controller,
+                             temperature=next(iter(temperatures)))
     bench = run_bench(pair, prompts, replace(run, temperature=float(temperatures.pop()),
                                              tree_tokens=records.budget or None, max_calls=records.t_max))
     rows = {}

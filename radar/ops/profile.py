@@ -23,6 +23,7 @@ class ProfileConfig:
     controller: str | None = None  # whose decisions T_eye times; None: an untrained one of the reference size
     device: str = "auto"
     dtype: str = "auto"
+    temperature: float = 0.0  # of the decoding loop that T_c and the AR step are measured in
 
 
 def profile(cfg: ProfileConfig, pair: ModelPair | None = None) -> CostModel:
@@ -32,6 +33,7 @@ def profile(cfg: ProfileConfig, pair: ModelPair | None = None) -> CostModel:
         pair = load_pair(model, draft, cfg.device, cfg.dtype)
     controller = load_controller(cfg.controller, pair.target.device) if cfg.controller else None
     cost = profile_costs(pair, t_max=cfg.t_max, k=cfg.k, total_tokens=cfg.tree_tokens, repeats=cfg.repeats,
-                         target_name=str(model), draft_name=str(draft), controller=controller)
+                         target_name=str(model), draft_name=str(draft), controller=controller,
+                         temperature=cfg.temperature)
     cost.save(cfg.out)
     return cost

@@ -167,3 +167,12 @@ def test_always_draft_overrides_a_controller_that_says_not_to(tiny_pair, mixed_c
     pair = attach_controller(ModelPair.load(*tiny_pair, device="cpu", dtype="float32"), slow, always_draft=True)
     prompt = random_ids(8, pair.target.config.vocab_size, seed=8)[0].tolist()
     assert pair.generate(prompt, "radar", max_new_tokens=16).stats.mean_draft_calls >= 1
+
+
+def test_cli_generate_says_when_radar_did_not_draft(tiny_pair, mixed_controller, tmp_path):
+    target, draft = tiny_pair
+    slow = LSTMController.load(mixed_controller).save(tmp_path / "slow", meta={DRAFTS_KEY: False})
+    result = runner.invoke(app, ["generate", "--model", str(target), "--draft", str(draft), "--prompt", "x",
+                                 "--method", "radar", "--controller", str(slow), "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert "radar did not draft" in result.stderr

@@ -97,7 +97,7 @@ def stage_train(work: Path, name: str, records_path: Path, cost: CostModel, temp
         t = time.perf_counter()
         controller, history = train(records, cfg, size, progress=False)
         controller.save(out, meta={"train": cfg.to_dict(), "records": str(records_path),
-                                   "train_s": time.perf_counter() - t, **drafting_verdict(controller, records, cost)})
+                                   "train_s": time.perf_counter() - t, **drafting_verdict(controller, records, cost, "training")})
     return out
 
 

@@ -181,6 +181,19 @@ def test_an_eagle3_head_loaded_beside_a_gguf_target_drafts_on_the_int4_kernel_lo
         pair.draft.save_pretrained(tmp_path / "again")
 
 
+def test_loading_a_head_beside_a_gguf_target_leaves_the_target_and_the_heads_rope_as_they_are(gguf_dir, tmp_path):
+    from tiny_models import make_tiny_eagle3
+
+    make_tiny_eagle3(Transformer.from_pretrained(gguf_dir), draft_vocab=64).save_pretrained(tmp_path / "head")
+    alone = ModelPair.load(gguf_dir, None, device="cpu", dtype="gguf").target
+    pair = ModelPair.load(gguf_dir, tmp_path / "head", device="cpu", dtype="gguf")
+    assert pair.draft.inv_freq.dtype == torch.float32
+    for (name, a), (_, b) in zip(alone.state_dict().items(), pair.target.state_dict().items(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    with torch.no_grad():
+        assert torch.equal(alone(IDS[:, :8]), pair.target(IDS[:, :8]))
+
+
 def quantized_twin(model: Transformer) -> Transformer:
     """`model` with its linear layers quantized to Q4_1 and its embedding to Q8_0, as a GGUF would hold them."""
     state = {k: v.float().numpy() for k, v in model.state_dict().items()}

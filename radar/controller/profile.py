@@ -145,8 +145,9 @@ def _loop_times(pair: ModelPair, cfg: TreeConfig, forwards: CostModel, prompt_to
             stats = loop.generate(ids, f"tree:{depth}", sampling, tokens, seed=r).stats
             priced = forwards.cycle_times(torch.tensor(stats.draft_calls_per_cycle),
                                           torch.tensor(stats.tree_tokens_per_cycle), controller=False)
-            if r:
-                residual.append((sum(stats.cycle_s) - float(priced.sum())) / len(stats.cycle_s))
+            # The first cycle also feeds the drafter the whole prompt: a cost of the prompt, not of a cycle.
+            if r and len(stats.cycle_s) > 1:
+                residual.append((sum(stats.cycle_s[1:]) - float(priced[1:].sum())) / (len(stats.cycle_s) - 1))
         if r and len(stamps) > 1:
             ar.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
     return ar, residual
@@ -307,6 +308,8 @@ def profile_costs(
     decoding loop over `loop_tokens` tokens at `temperature` (sampling costs more per cycle than argmax: module
     docstring); save the cost file to `out` if given."""
     _check_settings(pair, t_max, prompt_tokens, repeats)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
     total_tokens = pair.tree.total_tokens if total_tokens is None else total_tokens
     warmup = max(2, repeats // 4) if warmup is None else warmup
     target, device = pair.target, pair.target.device
@@ -340,7 +343,7 @@ def profile_costs(
 
     names = model_names(pair, target_name, draft_name)
     spread = {"T_0": verify_times, "T_f": call_times, "T_eye": eye_times, "ar_step": loop_ar or ar_times,
-              "T_c": loop_residual}
+              "T_c": loop_residual or overhead_times}
     meta = {
         "source": "radar.controller.profile.profile_costs", "device": _device_name(device),
         "precision": precision_of(target), "target": names[0], "draft": names[1],
@@ -352,7 +355,8 @@ def profile_costs(
         "T_c_bookkeeping": med(overhead_times),
     }
     # The residual can come out a little negative where the forwards' medians overprice the loop's cycles.
-    cost = replace(forwards, ar_step=med(loop_ar or ar_times), T_c=max(statistics.fmean(loop_residual), 0.0), meta=meta)
+    t_c = max(statistics.fmean(loop_residual), 0.0) if loop_residual else med(overhead_times)
+    cost = replace(forwards, ar_step=med(loop_ar or ar_times), T_c=t_c, meta=meta)
     if out is not None:
         cost.save(out)
     return cost

@@ -113,10 +113,10 @@ class ModelPair:
         dt = torch.float32 if precision == "gguf" else target.dtype
         tree = tree or default_tree(dev, precision)
         if draft and is_eagle3_dir(draft):
-            head = Eagle3Head.from_pretrained(draft, device=dev, dtype=dt).bind(target)
+            head = Eagle3Head.from_pretrained(draft, device=dev, dtype=dt)
             if precision == "gguf":  # a head's call reads its whole 20-40 MB of float weights for a row or two
-                head = quantize_linears(head)
-            return cls(target, head, load_tokenizer(model), tree)
+                head = quantize_linears(head)  # before `bind`, which may share the target's embedding
+            return cls(target, head.bind(target), load_tokenizer(model), tree)
         draft_model = Transformer.from_pretrained(draft, device=dev, dtype=dt) if draft else None
         if draft_model is not None and draft_model.config.vocab_size != target.config.vocab_size:
             raise ModelLoadError(

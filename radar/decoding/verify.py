@@ -68,6 +68,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     # torch.multinomial draws one sample from a 49k vocabulary many times slower on a CPU than this does; float64
     # keeps the cumulative sum's rounding far below any probability a float32 softmax can express.
     cdf = probs.double().cumsum(0)
+    if not 0 < float(cdf[-1]) < float("inf"):  # NaN or inf logits upstream: say so rather than pick a token
+        raise ValueError(f"cannot sample from a distribution summing to {float(cdf[-1])}")
     u = torch.rand(1, dtype=torch.float64, device=probs.device, generator=generator) * cdf[-1]
     index = int(torch.searchsorted(cdf, u, right=True))  # right=True never lands on a zero-probability token
     if index == cdf.numel():  # u * total rounded up to the total itself

@@ -182,8 +182,10 @@ class DemoPipeline:
 
         cfg, path = self.cfg, self.work / "costs.json"
         job = ProfileConfig(out=str(path), model=pair["target"], draft=pair["draft"], t_max=self.tree.max_calls,
-                            k=self.tree.branching, tree_tokens=self.tree.total_tokens, repeats=cfg.profile_repeats)
-        inputs = {"pair": pair["digest"], "repeats": cfg.profile_repeats, **self.hardware_inputs()}
+                            k=self.tree.branching, tree_tokens=self.tree.total_tokens, repeats=cfg.profile_repeats,
+                            temperature=cfg.temperature)  # T_c and the AR step are measured at the records'
+        inputs = {"pair": pair["digest"], "repeats": cfg.profile_repeats, "temperature": cfg.temperature,
+                  **self.hardware_inputs()}
 
         def body(resume: bool) -> dict:
             cost = profile(job, self.model_pair(pair))

@@ -125,8 +125,8 @@ def run_bench(
     for method, reps in runs.items():
         median = sorted(reps, key=lambda r: r.wall_s)[len(reps) // 2]
         # No cycles: the target alone decoded (ar, hf, a radar controller that does not draft), except for
-        # prompt lookup, whose cycles transformers does not report.
-        alone = method != "hf-pld"
+        # transformers' speculative methods, whose cycles it does not report.
+        alone = method not in ("hf-pld", "hf-assisted")
         results[method] = {
             "tokens_per_s": median.new_tokens / median.wall_s,
             "tau": statistics.fmean(median.accept_lengths) if median.accept_lengths else (1.0 if alone else None),

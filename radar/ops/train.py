@@ -48,11 +48,19 @@ def split_records(data: str | Path, eval_fraction: float, seed: int) -> tuple[Re
     return records, fit, held
 
 
-def drafting_verdict(controller: LSTMController, records: RecordSet, cost: CostModel) -> dict:
-    """Meta saying whether the controller should draft at all: only if its simulated speed on `records`, priced by
-    the cost model it was trained with, beats the target alone (`DRAFTS_KEY`)."""
+def drafting_verdict(controller: LSTMController, records: RecordSet, cost: CostModel, basis: str = "held-out") -> dict:
+    """Meta saying whether the controller should draft at all: only if its simulated speed on `records` (`basis`
+    says which), priced by the cost model it was trained with, beats the target alone (`DRAFTS_KEY`). Without a
+    measured AR step there is nothing to beat, and no verdict."""
+    if cost.ar_step is None:
+        return {}
     speedup = evaluate_controller(controller, records, cost).speedup
-    return {DRAFTS_KEY: speedup >= 1.0, "simulated_speedup": speedup}
+    return {DRAFTS_KEY: speedup >= 1.0, "simulated_speedup": speedup, "verdict_records": basis}
+
+
+def verdict(controller: LSTMController, fit: RecordSet, held: RecordSet, cost: CostModel) -> dict:
+    """`drafting_verdict` on the held-out records, or on the training records when none are held out."""
+    return drafting_verdict(controller, held, cost) if len(held) else drafting_verdict(controller, fit, cost, "training")
 
 
 def train_controller(job: TrainJob, on_epoch: Callable[[dict], None] | None = None) -> TrainOutcome:
@@ -80,7 +88,7 @@ def train_controller(job: TrainJob, on_epoch: Callable[[dict], None] | None = No
         with new_files_in(job.out) as tmp:
             controller.save(tmp, meta={"train": job.train.to_dict(), "records": str(job.data),
                                        "history": history.epochs[-1:],
-                                       **drafting_verdict(controller, held if len(held) else fit, job.train.cost)})
+                                       **verdict(controller, fit, held, job.train.cost)})
             if job.track:
                 tracking.log_dir(tmp, tracking.CONTROLLER_ARTIFACT)
         run_id = run.info.run_id if job.track else None

@@ -51,6 +51,13 @@ def test_speculative_methods_report_acceptance_and_draft_calls(bench_result):
     assert data["methods"]["tree:3"]["tau"] >= 1.0
 
 
+def test_ar_reports_its_decoding_steps_as_one_token_cycles_without_prefill(bench_result):
+    data, _ = bench_result
+    ar = data["methods"]["ar"]
+    assert ar["cycles"]["committed"] == [1] * (ar["new_tokens"] - 3)  # every step after each prompt's first
+    assert ar["cycle_tokens_per_s"] > ar["tokens_per_s"]  # the prefill is out
+
+
 def test_bench_run_is_logged_to_mlflow_with_metrics_and_the_json(bench_result):
     import mlflow
 

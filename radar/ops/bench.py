@@ -80,12 +80,20 @@ def run_method(
                 torch.cuda.synchronize()
             wall += time.perf_counter() - t0
         else:
-            result = pair.generate(ids, method, sampling, cfg.max_new_tokens, seed)
+            stamps: list[float] = []
+            result = pair.generate(ids, method, sampling, cfg.max_new_tokens, seed,
+                                   on_commit=lambda _: stamps.append(time.perf_counter()) or True)
             out, wall = result.token_ids, wall + result.stats.wall_s
             taus += result.stats.accept_lengths
             calls += result.stats.draft_calls_per_cycle
             sizes += result.stats.tree_tokens_per_cycle
             cycle_s += result.stats.cycle_s
+            if not result.stats.cycle_s:  # the target alone: its steps after the first, one token each, as cycles
+                steps = [b - a for a, b in zip(stamps, stamps[1:])]
+                cycle_s += steps
+                taus += [1] * len(steps)
+                calls += [0] * len(steps)
+                sizes += [0] * len(steps)
         outputs.append(out)
     return Run(outputs, wall, sum(map(len, outputs)), taus, calls, sizes, cycle_s)
 

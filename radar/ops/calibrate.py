@@ -152,6 +152,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     out = {"config": asdict(cfg), "records": len(records), "prompts": len(prompts), "tree": asdict(pair.tree),
            "controller": str(controller_path(run.controller, precision_of(pair.target))) if controller else None,
            "methods": rows, "ar_tokens_per_s": bench["methods"]["ar"]["tokens_per_s"],
+           "ar_decode_tokens_per_s": bench["methods"]["ar"].get("cycle_tokens_per_s"),
            "predicted_ar_tokens_per_s": 1 / cost.ar_time, "cost": cost.to_dict()}
     if cfg.out:
         write_atomic(cfg.out, json.dumps(out, indent=1) + "\n")
@@ -175,8 +176,9 @@ def table(result: dict) -> str:
                     f"{r['residual_ms_per_cycle']:>17.2f}")
     rows.append(f"{result['records']} records of {result['prompts']} prompts; live tok/s counts decoding cycles only "
                 "(prefill excluded, as in the simulator)")
+    decode = result.get("ar_decode_tokens_per_s")
     rows.append(f"ar: predicted {result['predicted_ar_tokens_per_s']:.2f} tok/s (1 / the AR step), live "
-                f"{result['ar_tokens_per_s']:.2f} (prefill included)")
+                + (f"{decode:.2f} decoding only, " if decode else "") + f"{result['ar_tokens_per_s']:.2f} prefill included")
     return "\n".join(rows)
 
 

@@ -57,3 +57,22 @@ def test_a_controller_as_good_as_the_best_rule_stays_the_champion(files):
                         "tuned": candidate(root, "bad3", fixed_depth_controller(6, 3))}, out="champion2")
     assert out["rule"] is None and out["choice"] == "trained"
     assert out["speedups"]["trained"] >= max(out["rule_speedups"].values())
+
+
+def test_a_champion_slower_than_ar_is_registered_as_not_drafting(files, tmp_path):
+    root, _ = files
+    slow = root / "slow-costs.json"
+    CostModel(T_0=1.0, T_f=0.25, T_eye=0.0, t_max=6, ar_step=0.2).save(slow)  # a cycle costs >= 5 AR steps
+    out = choose_champion(str(root / "records.parquet"), str(slow),
+                          {"trained": candidate(root, "slow1", fixed_depth_controller(2, 3)),
+                           "tuned": candidate(root, "slow2", fixed_depth_controller(3, 3))},
+                          tmp_path / "champion", tmp_path / "sim.json", eval_fraction=0.25, seed=0, track=False)
+    assert out["champion_speedup"] < 1 and out["drafts"] is False
+    assert LSTMController.drafts_at(out["path"]) is False
+
+
+def test_a_champion_faster_than_ar_drafts(files):
+    root, _ = files
+    out = choose(root, {"trained": candidate(root, "fast1", fixed_depth_controller(2, 3)),
+                        "tuned": candidate(root, "fast2", fixed_depth_controller(3, 3))}, out="champion3")
+    assert out["champion_speedup"] > 1 and LSTMController.drafts_at(out["path"]) is True

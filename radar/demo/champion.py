@@ -20,9 +20,10 @@ def choose_champion(records: str, costs: str, candidates: dict[str, dict], out: 
     the threshold rule tuned on the training records (and, for a controller with a budget head, the best fixed
     (depth, budget) pair and the threshold with a tuned budget). When no candidate does, the better rule is registered
     instead, written as a controller network that decides exactly as the rule does (`radar.controller.rules`), and
-    the result says so (`"rule"`), so the pipeline never registers a policy worse than a rule without saying it."""
+    the result says so (`"rule"`), so the pipeline never registers a policy worse than a rule without saying it. A
+    champion slower than AR on those records is marked not to draft (`DRAFTS_KEY`), as `radar train` marks its own."""
     from radar.controller.mdp import CostModel
-    from radar.controller.policy import load_controller
+    from radar.controller.policy import DRAFTS_KEY, LSTMController, load_controller
     from radar.controller.simulate import simulate
     from radar.ops.register import register_controller
     from radar.common import tracking
@@ -41,13 +42,18 @@ def choose_champion(records: str, costs: str, candidates: dict[str, dict], out: 
              for name, net in _rules(max(sims.values(), key=lambda s: len(s.policies)), k).items()}
     best_rule = max(rules, key=lambda n: rules[n][0])
     rule = best_rule if rules[best_rule][0] > speedups[choice] else None
+    champion_speedup = rules[rule][0] if rule else speedups[choice]
+    # The same "draft at all?" verdict `radar train` gives, on the held-out records that chose the champion.
+    verdict = {} if cost.ar_step is None else {DRAFTS_KEY: champion_speedup >= 1.0,
+                                                "simulated_speedup": champion_speedup, "verdict_records": "held-out"}
     with new_dir(out) as tmp:
         if rule:
-            rules[rule][1].save(tmp, meta={"rule": rule, "held_out_speedup": rules[rule][0], "beat": speedups})
+            rules[rule][1].save(tmp, meta={"rule": rule, "held_out_speedup": rules[rule][0], "beat": speedups,
+                                           **verdict})
         else:
             for f in Path(candidates[choice]["path"]).iterdir():
                 shutil.copy2(f, tmp / f.name)
-    champion_speedup = rules[rule][0] if rule else speedups[choice]
+            load_controller(tmp).save(tmp, meta={**LSTMController.read_meta(tmp), **verdict})
     rule_speedups = {name: r[0] for name, r in rules.items()}
     depth = int(sim.best_fixed.name.removeprefix("fixed-"))
     pair = sim.best_fixed_pair.name.removeprefix("fixed-")  # "D@B", or "D" without a budget grid
@@ -68,7 +74,7 @@ def choose_champion(records: str, costs: str, candidates: dict[str, dict], out: 
             "tuned_threshold": sim.policies["threshold"].params["threshold"],
             "tuned_threshold_budget": [thr_budget.params["threshold"], thr_budget.params["budget"]]
             if thr_budget else None,
-            "simulation": str(sim_path)}
+            "simulation": str(sim_path), "drafts": verdict.get(DRAFTS_KEY, True)}
 
 
 def _rules(sim, k: int) -> dict:

@@ -414,4 +414,6 @@ def _champion_summary(o: dict) -> str:
                 f"the trained and tuned controllers lost to it ({lost})")
     else:
         text = f"champion: the {o['choice']} controller, {o['speedups'][o['choice']]:.3f}x simulated"
+    if not o.get("drafts", True):
+        text += " (slower than AR there, so radar runs the target alone)"
     return text + (f", models:/radar-controller version {o['version']}" if o["version"] else "")

@@ -137,7 +137,8 @@ def quantize_blocks(weight: torch.Tensor) -> Blocks:
 def quantize_linears(module: nn.Module) -> nn.Module:
     """`module` with every bias-free nn.Linear whose inputs fill whole blocks on the int4 kernel (`quantize_blocks`)
     and every other parameter in bf16, the kernel's activations: a draft beside a gguf target, whose calls read
-    one or a few rows. Call it before the draft shares any module with its target, which must stay as it is. 8-bit codes, not 4: the draft then proposes what its float weights propose."""
+    one or a few rows. 8-bit codes, not 4: the draft then proposes what its float weights propose. Call it before
+    the draft shares any module with its target, which must stay as it is."""
     for name, child in list(module.named_modules()):
         if isinstance(child, nn.Linear) and child.bias is None and child.in_features % GROUP == 0:
             module.set_submodule(name, Int4Linear(quantize_blocks(child.weight)))

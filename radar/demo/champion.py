@@ -4,7 +4,6 @@ better rule when both lose to one."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from radar.common.files import new_dir, write_atomic
@@ -27,7 +26,7 @@ def choose_champion(records: str, costs: str, candidates: dict[str, dict], out: 
     from radar.controller.simulate import simulate
     from radar.ops.register import register_controller
     from radar.common import tracking
-    from radar.ops.train import split_records
+    from radar.ops.train import split_records, verdict_meta
 
     _, fit, held = split_records(records, eval_fraction, seed)
     cost = CostModel.load(costs)
@@ -44,16 +43,14 @@ def choose_champion(records: str, costs: str, candidates: dict[str, dict], out: 
     rule = best_rule if rules[best_rule][0] > speedups[choice] else None
     champion_speedup = rules[rule][0] if rule else speedups[choice]
     # The same "draft at all?" verdict `radar train` gives, on the held-out records that chose the champion.
-    verdict = {} if cost.ar_step is None else {DRAFTS_KEY: champion_speedup >= 1.0,
-                                                "simulated_speedup": champion_speedup, "verdict_records": "held-out"}
+    verdict = verdict_meta(champion_speedup, cost)
     with new_dir(out) as tmp:
         if rule:
             rules[rule][1].save(tmp, meta={"rule": rule, "held_out_speedup": rules[rule][0], "beat": speedups,
                                            **verdict})
         else:
-            for f in Path(candidates[choice]["path"]).iterdir():
-                shutil.copy2(f, tmp / f.name)
-            load_controller(tmp).save(tmp, meta={**LSTMController.read_meta(tmp), **verdict})
+            path = candidates[choice]["path"]
+            load_controller(path).save(tmp, meta={**LSTMController.read_meta(path), **verdict})
     rule_speedups = {name: r[0] for name, r in rules.items()}
     depth = int(sim.best_fixed.name.removeprefix("fixed-"))
     pair = sim.best_fixed_pair.name.removeprefix("fixed-")  # "D@B", or "D" without a budget grid

@@ -26,8 +26,8 @@ from radar.controller.mdp import CostModel, expected_accepted
 from radar.controller.policy import LSTMController
 from radar.controller.simulate import controller_choices, controller_depths, threshold_depths
 from radar.decoding.methods import Method
-from radar.ops.bench import BenchConfig, run_bench
 from radar.decoding.pair import precision_of
+from radar.ops.bench import BenchConfig, run_bench
 from radar.ops.models import attach_controller, controller_path, load_pair, model_paths
 
 

@@ -48,14 +48,18 @@ def split_records(data: str | Path, eval_fraction: float, seed: int) -> tuple[Re
     return records, fit, held
 
 
-def drafting_verdict(controller: LSTMController, records: RecordSet, cost: CostModel, basis: str = "held-out") -> dict:
-    """Meta saying whether the controller should draft at all: only if its simulated speed on `records` (`basis`
-    says which), priced by the cost model it was trained with, beats the target alone (`DRAFTS_KEY`). Without a
-    measured AR step there is nothing to beat, and no verdict."""
+def verdict_meta(speedup: float, cost: CostModel, basis: str = "held-out") -> dict:
+    """Meta saying whether a controller simulated at `speedup` over AR on `basis` records should draft at all
+    (`DRAFTS_KEY`). Without a measured AR step there is nothing to beat, and no verdict."""
     if cost.ar_step is None:
         return {}
-    speedup = evaluate_controller(controller, records, cost).speedup
     return {DRAFTS_KEY: speedup >= 1.0, "simulated_speedup": speedup, "verdict_records": basis}
+
+
+def drafting_verdict(controller: LSTMController, records: RecordSet, cost: CostModel, basis: str = "held-out") -> dict:
+    """`verdict_meta` of the controller's simulated speed on `records`, priced by the cost model it was trained
+    with."""
+    return verdict_meta(evaluate_controller(controller, records, cost).speedup, cost, basis)
 
 
 def verdict(controller: LSTMController, fit: RecordSet, held: RecordSet, cost: CostModel) -> dict:

@@ -9,7 +9,8 @@ import threading
 import pytest
 import torch
 
-from radar.decoding.batching import DraftOrNot, LoadAware, Rendezvous, VerifyCurve, measure_verify_curve
+from radar.decoding.arms import DraftOrNot
+from radar.decoding.batching import LoadAware, Rendezvous, VerifyCurve, measure_verify_curve
 from radar.decoding.methods import Method
 from radar.decoding.model import LayerCapture
 from radar.decoding.packed import packed_forward, packed_head_forward
@@ -159,10 +160,10 @@ def test_packed_forward_keeps_sequences_apart(pair):
 
 
 def test_packed_head_forward_matches_the_heads_own(eagle_pair):
-    head = eagle_pair.draft
+    head, gen = eagle_pair.draft, torch.Generator().manual_seed(0)
     calls, alone = [], []
     for seed, q, last_only in ((1, 3, False), (2, 5, True), (3, 4, False)):
-        ids, hidden = random_ids(q, 300, seed=seed), torch.randn(1, q, head.config.layer.hidden_size)
+        ids, hidden = random_ids(q, 300, seed=seed), torch.randn(1, q, head.config.layer.hidden_size, generator=gen)
         pos = torch.arange(q)[None]
         c1, c2 = head.new_cache(16), head.new_cache(16)
         alone.append(head(ids, hidden, pos, c1, last_only=last_only))
@@ -170,7 +171,8 @@ def test_packed_head_forward_matches_the_heads_own(eagle_pair):
                           last_only=last_only))
     for (logits, h), (got_logits, got_h) in zip(alone, packed_head_forward(head, calls)):
         assert got_logits.shape == logits.shape and got_h.shape == h.shape
-        assert torch.allclose(got_logits, logits, atol=1e-6) and torch.allclose(got_h, h, atol=1e-6)
+        # Packed rows go through matmuls of another shape: equal up to float32 rounding, not bit for bit.
+        assert torch.allclose(got_logits, logits, atol=1e-5) and torch.allclose(got_h, h, atol=1e-5)
 
 
 def test_head_last_only_gives_the_last_tokens_logits_and_every_tokens_hidden_state(eagle_pair):
@@ -211,69 +213,6 @@ def test_load_aware_trees_shrink_as_the_batch_grows():
     # No node pays at all: the root alone is verified (no speculation), and drafting stops after one call.
     none = LoadAware(FixedDepth(4), _Load(16, 4000.0, 96), curve)
     assert none.cap_budget(ranked, 5) == 0 and not none.decide(1, ranked[:2])
-
-
-def test_draft_or_not_measures_both_arms_then_keeps_the_faster_and_rechecks():
-    arms = DraftOrNot(explore=2, period=10)
-    seen = []
-    for _ in range(30):
-        draft = arms.draft(16)
-        seen.append(draft)
-        arms.observe(16, 20.0 if draft else 40.0)  # not drafting yields more at this size
-    assert seen[:4] == [False, False, True, True]  # each arm measured first, roots only first
-    assert seen[4:10].count(False) > seen[4:10].count(True)
-    assert True in seen[10:]  # drafting is tried again now and then
-    assert arms.draft(8) is False  # a size not measured yet follows the nearest one that was
-    for _ in range(14):
-        arms.observe(8, 30.0 if arms.draft(8) else 10.0)  # ... until its own re-check finds drafting faster there
-    assert arms.draft(8) is True
-
-
-def test_draft_or_not_waits_longer_between_rechecks_that_change_nothing_and_resets_when_one_does():
-    arms = DraftOrNot(explore=2, period=10, max_period=40, clear=0.0)  # every lead counts as close: doubling
-    drafted = []
-    for cycle in range(250):
-        draft = arms.draft(16)
-        drafted.append(draft)
-        pays = cycle >= 150  # drafting is the slower arm until cycle 150, then the faster
-        arms.observe(16, 40.0 if draft == pays else 20.0)
-
-    def windows(arm: bool, cycles: range) -> list[int]:  # where each run of `arm` starts
-        return [c for c in cycles if drafted[c] == arm and drafted[c - 1] != arm]
-
-    assert windows(True, range(1, 150)) == [2, 10, 32, 74, 116]  # explored, then waits 10, 20, 40, the cap
-    assert windows(False, range(162, 250))[:2] == [170, 192]  # the winner flipped: back to 10, then 20
-
-
-def _drafted_runs(rate_of_cycle, cycles: int = 200, **settings) -> list[tuple[int, int]]:
-    """(start, length) of every run of drafted cycles under DraftOrNot(**settings) at 16 members, roots only
-    yielding 40 tokens/s and drafting `rate_of_cycle(cycle)`."""
-    arms = DraftOrNot(**{"explore": 6, "period": 30, "max_period": 1000, "clear": 0.8, "quick": 2, **settings})
-    drafted = []
-    for cycle in range(cycles):
-        drafted.append(arms.draft(16))
-        arms.observe(16, rate_of_cycle(cycle) if drafted[-1] else 40.0)
-    starts = [c for c in range(cycles) if drafted[c] and (c == 0 or not drafted[c - 1])]
-    return [(s, next((c for c in range(s, cycles) if not drafted[c]), cycles) - s) for s in starts]
-
-
-def test_draft_or_not_waits_four_times_longer_after_a_recheck_the_loser_lost_clearly():
-    def recheck_starts(drafted_rate: float) -> list[int]:
-        runs = _drafted_runs(lambda c: drafted_rate, 300, explore=2, period=10)
-        return [start for start, _ in runs]
-
-    assert recheck_starts(20.0) == [2, 10, 52, 214]  # at half the winner's rate: waits 10, 40, 160
-    assert recheck_starts(38.0) == [2, 10, 32, 74, 156]  # a close loser: waits 10, 20, 40, 80
-
-
-def test_draft_or_not_compares_drafted_cycles_with_roots_only_ones_at_the_same_member_count():
-    arms = DraftOrNot(explore=2, period=100)
-    rate = {(16, False): 128.0, (16, True): 115.0, (9, False): 100.0}  # drafting loses at 16 members
-    for cycle in range(103):
-        members = 9 if 4 <= cycle < 100 else 16  # the re-check at cycle 100 runs as the batch refills to 16
-        arms.observe(members, rate[(members, arms.draft(members))])
-    # Judged against the roots-only cycles at 9 members (100 tokens/s), its 115 would have looked like a win.
-    assert arms.draft(16) is False
 
 
 def test_cycles_that_prefill_a_newcomer_are_not_credited_to_either_arm(pair):
@@ -365,17 +304,6 @@ def test_logprobs_are_the_targets_own_distribution_for_every_method(pair):
     want = [float(logp[len(ids) - 1 + i, t]) for i, t in enumerate(ar.token_ids)]
     assert [lp for lp, _ in spec.logprobs] == pytest.approx(want, abs=1e-4)
     assert Method.parse("tree:3").speculative
-
-
-def test_draft_or_not_cuts_a_check_short_once_drafting_clearly_loses():
-    assert [n for _, n in _drafted_runs(lambda c: 20.0)] == [2, 2, 2]  # half the rate: two cycles tell
-    assert [n for _, n in _drafted_runs(lambda c: 36.0)] == [6, 6, 6]  # a close loss is measured in full
-
-
-def test_draft_or_not_still_switches_to_drafting_once_it_pays():
-    runs = _drafted_runs(lambda c: 20.0 if c < 60 else 80.0)
-    assert runs[0] == (6, 2)  # cut short while it lost
-    assert sum(min(s + n, 200) - max(s, 160) for s, n in runs if s + n > 160) >= 36  # then drafts 90% of cycles
 
 
 def test_a_batched_request_whose_controller_does_not_draft_decodes_with_the_target_alone(pair):

@@ -176,3 +176,27 @@ def test_cli_generate_says_when_radar_did_not_draft(tiny_pair, mixed_controller,
                                  "--method", "radar", "--controller", str(slow), "--max-new-tokens", "4"])
     assert result.exit_code == 0, result.output
     assert "radar did not draft" in result.stderr
+
+
+def _controller_with_margin(mixed_controller, tmp_path, speedup: float):
+    return LSTMController.load(mixed_controller).save(
+        tmp_path / f"margin-{speedup}", meta={DRAFTS_KEY: True, "simulated_speedup": speedup})
+
+
+def test_a_controller_with_a_margin_within_the_simulators_error_is_measured_live(tiny_pair, mixed_controller,
+                                                                                 tmp_path):
+    close = _controller_with_margin(mixed_controller, tmp_path, 1.02)
+    pair = attach_controller(ModelPair.load(*tiny_pair, device="cpu", dtype="float32"), close)
+    prompt = random_ids(8, pair.target.config.vocab_size, seed=8)[0].tolist()
+    ar = pair.generate(prompt, "ar", max_new_tokens=16).token_ids
+    runs = [pair.generate(prompt, "radar", max_new_tokens=16) for _ in range(4)]
+    assert [r.token_ids for r in runs] == [ar] * 4  # lossless under either arm
+    assert [bool(r.stats.draft_calls_per_cycle) for r in runs] == [False, False, False, True]  # AR measured first
+
+
+def test_a_controller_with_a_clear_margin_or_told_to_always_draft_is_not_gated(tiny_pair, mixed_controller, tmp_path):
+    clear = _controller_with_margin(mixed_controller, tmp_path, 1.3)
+    close = _controller_with_margin(mixed_controller, tmp_path, 1.02)
+    load = lambda: ModelPair.load(*tiny_pair, device="cpu", dtype="float32")  # noqa: E731
+    assert attach_controller(load(), clear).gate is None
+    assert attach_controller(load(), close, always_draft=True).gate is None

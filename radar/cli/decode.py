@@ -101,8 +101,13 @@ def generate(
     sys.stdout.write(text + "\n")
     s = result.stats
     if parsed.kind == "radar" and not s.draft_calls_per_cycle:
-        say("[dim]radar did not draft: its controller for this temperature was trained where the target alone is "
-            "faster (\"drafts\": false in its controller.json)[/]")
+        if pair.gate is not None and pair.gate.gates(sampling.temperature == 0):
+            say("[dim]radar did not draft: its controller's simulated margin over the target alone is within the "
+                "simulator's error, so a process measures both and first runs the target alone (a server keeps "
+                "whichever is faster)[/]")
+        else:
+            say("[dim]radar did not draft: its controller for this temperature was trained where the target alone "
+                "is faster (\"drafts\": false in its controller.json)[/]")
     say(f"[dim]{s.new_tokens} tokens in {s.wall_s:.2f}s ({s.tokens_per_s:.1f} tok/s), tau {s.tau:.2f}, "
         f"{s.mean_draft_calls:.2f} draft calls/cycle, {s.target_calls} target calls, finish: {s.finish_reason}[/]")
 

@@ -34,6 +34,7 @@ def generate_ar(
     session = DecodeSession(target, prompt_ids, max_new_tokens, on_commit, logprobs)
     cache = target.new_cache(session.max_len)
     pending = prefill(target, cache, torch.tensor(prompt_ids, device=target.device))
+    session.prefilled()
     logits = target(pending[None], cache=cache)[0, -1]
     while True:
         session.stats.target_calls += 1
@@ -62,6 +63,7 @@ def generate_speculative(
         raise ValueError(f"tree branching {tree_cfg.branching} exceeds the draft vocabulary ({drafter.vocab_size} tokens)")
     session = DecodeSession(target, prompt_ids, max_new_tokens, on_commit, logprobs)
     spec = Speculation(target, drafter, prompt_ids, session.max_len + tree_cfg.max_nodes + 1)
+    session.prefilled()
     while True:
         start = time.perf_counter()
         root_pos = session.root_position

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from radar.decoding.arms import RequestGate
 from radar.decoding.chat import Message, render_chat
 from radar.decoding.drafters import Drafter, SmallLMDrafter
 from radar.decoding.eagle3 import Eagle3Drafter, Eagle3Head, is_eagle3_dir
@@ -88,6 +89,9 @@ class ModelPair:
     # request, so no LSTM or random state is shared between requests; the sampling settings let a loader pick a
     # controller trained for greedy or for sampled decoding). Set by whoever loads a controller.
     stop_policy: Callable[[int, Sampling], StopPolicy] | None = None
+    # Measures whether `radar` requests should draft at all, where the controller's margin is too small to trust
+    # (radar.decoding.arms). Set by whoever loads a controller; a batched pair has none (its batch decides).
+    gate: RequestGate | None = None
 
     @classmethod
     def load(
@@ -142,12 +146,14 @@ class ModelPair:
             return self.stop_policy(seed, sampling)
         return ThresholdPolicy(method.threshold) if method.kind == "threshold" else FixedDepth(method.depth)
 
-    def batched(self, rendezvous, guard: Callable[[], None] | None = None) -> "ModelPair":
-        """This pair with its models' calls batched through `rendezvous` (radar.decoding.batching)."""
+    def batched(self, rendezvous, guard: Callable[[], None] | None = None, alone: bool = False) -> "ModelPair":
+        """This pair with its models' calls batched through `rendezvous` (radar.decoding.batching). `alone`: one
+        request at a time, so the request gate keeps measuring; in a real batch `DraftOrNot` decides instead."""
         from radar.decoding.batching import BatchedModel
 
         draft = BatchedModel(self.draft, rendezvous, guard) if self.draft is not None else None
-        return replace(self, target=BatchedModel(self.target, rendezvous, guard), draft=draft)
+        return replace(self, target=BatchedModel(self.target, rendezvous, guard), draft=draft,
+                       gate=self.gate if alone else None)
 
     def encode(self, prompt: str, special_tokens: bool = True) -> list[int]:
         """Token ids of raw text, with the tokenizer's special tokens (BOS) where it adds them."""
@@ -183,9 +189,25 @@ class ModelPair:
         generator = torch.Generator(self.target.device).manual_seed(seed)
         if method.speculative:
             policy = policy or self.stop_rule(method, sampling, seed)
-        # A controller whose training found drafting slower than the target alone, here, runs the target alone.
-        if not method.speculative or not getattr(policy, "drafts", True):
-            return generate_ar(self.target, prompt_ids, sampling, max_new_tokens, generator, on_commit, logprobs)
+        # A controller whose training found drafting slower than the target alone, here, runs the target alone;
+        # one whose margin was too small to trust drafts or not as the gate has measured.
+        drafts = method.speculative and getattr(policy, "drafts", True)
+        gate = self.gate if drafts and method.kind == "radar" else None
+        greedy = sampling.temperature == 0
+        if gate is not None:
+            drafts = gate.drafts(greedy)
+        if not drafts:
+            result = generate_ar(self.target, prompt_ids, sampling, max_new_tokens, generator, on_commit, logprobs)
+        else:
+            result = self._speculate(prompt_ids, method, policy, sampling, max_new_tokens, generator, on_commit,
+                                     logprobs)
+        if gate is not None:
+            gate.observe(greedy, drafts, result.stats)
+        return result
+
+    def _speculate(self, prompt_ids: list[int], method: Method, policy: StopPolicy, sampling: Sampling,
+                   max_new_tokens: int, generator: torch.Generator, on_commit: OnCommit | None,
+                   logprobs: int | None) -> GenerationResult:
         if method.kind in ("radar", "threshold"):
             cfg = replace(self.tree, total_tokens=method.budget or self.tree.total_tokens)
         elif method.kind == "chain":

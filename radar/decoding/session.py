@@ -38,6 +38,7 @@ class GenerationStats:
     tree_tokens_per_cycle: list[int] = field(default_factory=list)  # tree nodes verified per cycle (root excluded)
     cycle_s: list[float] = field(default_factory=list)  # seconds per cycle, drafting to commit: what costs model
     wall_s: float = 0.0
+    prefill_s: float = 0.0  # of wall_s, the prompt's prefill (all but the prompt's last token)
     finish_reason: str = "length"  # "length", "eos", "context", or "stop" (the on_commit callback asked to stop)
 
     def count_cycle(self, committed: int, draft_calls: int, tree_tokens: int = 0, seconds: float = 0.0) -> None:
@@ -122,6 +123,11 @@ class DecodeSession:
         self.top_logprobs = logprobs
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] | None = [] if logprobs is not None else None
         self.start = time.perf_counter()
+
+    def prefilled(self) -> None:
+        """Mark the prompt's prefill done: the time so far is `stats.prefill_s`."""
+        sync(self.device)
+        self.stats.prefill_s = time.perf_counter() - self.start
 
     @property
     def max_len(self) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from radar.decoding.arms import TRUST_MARGIN, RequestGate
 from radar.decoding.pair import ModelPair, precision_of
 from radar.decoding.tree import TreeConfig
 
@@ -101,7 +102,8 @@ def controller_path(spec: str | Path | None, precision: str | None = None) -> Pa
 def attach_controller(pair: ModelPair, spec: str | Path | None = None, greedy: bool = True,
                       always_draft: bool = False) -> ModelPair:
     """Give `pair` a RADAR stop policy from the controller at `spec` (see `controller_path`); returns `pair`.
-    `always_draft` drafts even where the controller's meta says the target alone is faster."""
+    `always_draft` drafts even where the controller's meta says the target alone is faster, and never measures
+    whether it should (`RequestGate`)."""
     from radar.controller.policy import ControllerPolicy, LSTMController, load_controller
 
     path = controller_path(spec, precision_of(pair.target))
@@ -119,6 +121,11 @@ def attach_controller(pair: ModelPair, spec: str | Path | None = None, greedy: b
                              f"of branching {pair.tree.branching} (radar collect/train)")
     pair.stop_policy = lambda seed, sampling: ControllerPolicy(
         by_regime[sampling.temperature == 0], greedy=greedy, seed=seed, drafts=drafts[sampling.temperature == 0])
+    # A regime whose simulated margin over the target alone is within the simulator's error is measured live.
+    close = {g: drafts[g] and not always_draft and d.is_dir()
+             and LSTMController.read_meta(d).get("simulated_speedup", float("inf")) < TRUST_MARGIN
+             for g, d in dirs.items()}
+    pair.gate = RequestGate(greedy=close[True], sampled=close[False]) if any(close.values()) else None
     return pair
 
 

@@ -5,7 +5,7 @@ margin is too small to trust."""
 from __future__ import annotations
 
 from radar.decoding.arms import DraftOrNot, RequestGate
-from radar.decoding.batching import Rendezvous
+from radar.decoding.batching import AloneGate, Rendezvous
 from radar.decoding.pair import ModelPair
 from radar.decoding.session import GenerationStats
 
@@ -134,8 +134,30 @@ def test_request_gate_leaves_a_regime_it_does_not_gate_to_its_controller():
     assert all(gate.drafts(True) for _ in range(8))
 
 
-def test_a_batched_pair_keeps_the_gate_only_when_it_decodes_one_request_at_a_time(tiny_pair):
+def test_in_a_batch_the_gate_decides_for_a_request_that_starts_alone_and_lets_the_batch_decide_otherwise():
+    rv = Rendezvous()
+    gate = AloneGate(RequestGate(explore=3), rv)
+    with rv.member():
+        assert gate.drafts(False) is False  # alone: the gate's first arm, the target alone
+        with rv.member():
+            assert gate.drafts(False) is True  # with company: drafting, cut per cycle by the batch's DraftOrNot
+
+
+def test_in_a_batch_the_gate_learns_only_from_a_request_that_stayed_alone():
+    rv = Rendezvous()
+    gate = AloneGate(RequestGate(explore=1), rv)
+    with rv.member():
+        drafted = gate.drafts(True)
+        with rv.member():  # another request came and went while this one decoded
+            pass
+        gate.observe(True, drafted, _stats(64, 1.0))
+        assert gate.drafts(True) is False  # not counted: still exploring the target alone
+        gate.observe(True, False, _stats(64, 1.0))
+        assert gate.drafts(True) is True  # counted: on to the drafted arm
+
+
+def test_a_batched_pair_wraps_its_gate(tiny_pair):
     gated = ModelPair.load(*tiny_pair, device="cpu", dtype="float32")
     gated.gate = RequestGate()
-    assert gated.batched(Rendezvous(gated.target)).gate is None
-    assert gated.batched(Rendezvous(gated.target), alone=True).gate is gated.gate
+    wrapped = gated.batched(Rendezvous(gated.target)).gate
+    assert isinstance(wrapped, AloneGate) and wrapped.gate is gated.gate

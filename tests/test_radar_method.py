@@ -200,3 +200,16 @@ def test_a_controller_with_a_clear_margin_or_told_to_always_draft_is_not_gated(t
     load = lambda: ModelPair.load(*tiny_pair, device="cpu", dtype="float32")  # noqa: E731
     assert attach_controller(load(), clear).gate is None
     assert attach_controller(load(), close, always_draft=True).gate is None
+
+
+def test_a_gated_radar_request_alone_in_a_batch_follows_the_gate(tiny_pair, mixed_controller, tmp_path):
+    from radar.decoding.batching import Rendezvous
+
+    close = _controller_with_margin(mixed_controller, tmp_path, 1.02)
+    pair = attach_controller(ModelPair.load(*tiny_pair, device="cpu", dtype="float32"), close)
+    prompt = random_ids(8, pair.target.config.vocab_size, seed=8)[0].tolist()
+    rv = Rendezvous(pair.target)
+    with rv.member():
+        res = pair.batched(rv).generate(prompt, "radar", max_new_tokens=16)
+    assert res.token_ids == pair.generate(prompt, "ar", max_new_tokens=16).token_ids
+    assert res.stats.draft_calls_per_cycle == []  # the gate's first arm: the target alone

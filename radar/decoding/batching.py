@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from radar.decoding.arms import DraftOrNot
+from radar.decoding.arms import DraftOrNot, RequestGate
 from radar.decoding.packed import packed_forward, packed_head_forward
+from radar.decoding.session import GenerationStats
 
 
 @dataclass(eq=False)
@@ -54,6 +55,7 @@ class Rendezvous:
         self.target = target  # whose forwards are verifications (the rest are draft calls)
         self._cond = threading.Condition()
         self._members = 0
+        self.joins = 0  # members that ever joined: a decode that saw it unchanged ran alone
         self._pending: list[_Call] = []
         self._running = False
         self._commits: deque[tuple[float, int]] = deque()  # (time, tokens) of recent commits, for `rate`
@@ -76,6 +78,7 @@ class Rendezvous:
             if not self._members:
                 self.last_progress = time.perf_counter()
             self._members += 1
+            self.joins += 1
         try:
             yield
         finally:
@@ -232,6 +235,28 @@ def measure_verify_curve(target: torch.nn.Module, sizes: tuple[int, ...] = (1, 4
             best = min(best, time.perf_counter() - start)
         seconds.append(max([best, *seconds[-1:]]))
     return VerifyCurve(list(sizes), seconds)
+
+
+class AloneGate:
+    """A pair's `RequestGate` in a batch: it decides for a request that starts alone, and learns only from one that
+    stayed alone (a request's speed in a batch measures the load, not its arm); with company, the request drafts
+    and the batch's `DraftOrNot` decides per cycle."""
+
+    def __init__(self, gate: RequestGate, rendezvous: Rendezvous):
+        self.gate, self.rendezvous = gate, rendezvous
+        self._local = threading.local()  # per decode thread: the joins count when its request started alone
+
+    def gates(self, greedy: bool) -> bool:
+        return self.gate.gates(greedy)
+
+    def drafts(self, greedy: bool) -> bool:
+        alone = self.rendezvous.members <= 1
+        self._local.joins = self.rendezvous.joins if alone else None
+        return self.gate.drafts(greedy) if alone else True
+
+    def observe(self, greedy: bool, drafted: bool, stats: GenerationStats) -> None:
+        if getattr(self._local, "joins", None) == self.rendezvous.joins:
+            self.gate.observe(greedy, drafted, stats)
 
 
 @dataclass

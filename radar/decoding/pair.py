@@ -90,7 +90,7 @@ class ModelPair:
     # controller trained for greedy or for sampled decoding). Set by whoever loads a controller.
     stop_policy: Callable[[int, Sampling], StopPolicy] | None = None
     # Measures whether `radar` requests should draft at all, where the controller's margin is too small to trust
-    # (radar.decoding.arms). Set by whoever loads a controller; a batched pair has none (its batch decides).
+    # (radar.decoding.arms). Set by whoever loads a controller.
     gate: RequestGate | None = None
 
     @classmethod
@@ -146,14 +146,14 @@ class ModelPair:
             return self.stop_policy(seed, sampling)
         return ThresholdPolicy(method.threshold) if method.kind == "threshold" else FixedDepth(method.depth)
 
-    def batched(self, rendezvous, guard: Callable[[], None] | None = None, alone: bool = False) -> "ModelPair":
-        """This pair with its models' calls batched through `rendezvous` (radar.decoding.batching). `alone`: one
-        request at a time, so the request gate keeps measuring; in a real batch `DraftOrNot` decides instead."""
-        from radar.decoding.batching import BatchedModel
+    def batched(self, rendezvous, guard: Callable[[], None] | None = None) -> "ModelPair":
+        """This pair with its models' calls batched through `rendezvous` (radar.decoding.batching); its gate
+        decides only for requests that start alone (`AloneGate`)."""
+        from radar.decoding.batching import AloneGate, BatchedModel
 
         draft = BatchedModel(self.draft, rendezvous, guard) if self.draft is not None else None
-        return replace(self, target=BatchedModel(self.target, rendezvous, guard), draft=draft,
-                       gate=self.gate if alone else None)
+        gate = AloneGate(self.gate, rendezvous) if self.gate is not None else None
+        return replace(self, target=BatchedModel(self.target, rendezvous, guard), draft=draft, gate=gate)
 
     def encode(self, prompt: str, special_tokens: bool = True) -> list[int]:
         """Token ids of raw text, with the tokenizer's special tokens (BOS) where it adds them."""

@@ -70,7 +70,7 @@ class DecodeWorker:
                                            initializer=torch.set_num_threads, initargs=(threads,))
         self.rendezvous = Rendezvous(pair.target)
         self._local = threading.local()  # the job on each decode thread
-        self.pair = pair.batched(self.rendezvous, self._guard, alone=max_batch == 1)
+        self.pair = pair.batched(self.rendezvous, self._guard)
         # Load awareness only acts in a batch of two or more: a FIFO replica need not time the curve at start-up.
         aware = load_aware and pair.draft is not None and max_batch > 1
         self.curve = measure_verify_curve(pair.target) if aware else None

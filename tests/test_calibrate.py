@@ -56,6 +56,9 @@ def test_every_method_gets_a_prediction_a_live_figure_and_the_error_split(setup,
         assert pred["tokens_per_s"] > 0 and got["tokens_per_s"] > 0 and got["cycles"] > 0
         assert row["error"] == pytest.approx(pred["tokens_per_s"] / got["tokens_per_s"] - 1)
         assert row["residual_ms_per_cycle"] == pytest.approx(got["ms_per_cycle"] - got["priced_ms_per_cycle"])
+        assert row["speedup_error"] == pytest.approx(
+            (pred["tokens_per_s"] / result["predicted_ar_tokens_per_s"])
+            / (got["tokens_per_s"] / result["ar_decode_tokens_per_s"]) - 1)
     # the rule network makes two calls a cycle, as tree:2, so the records give both the same tokens per cycle
     assert result["methods"]["radar"]["predicted"]["tokens_per_cycle"] == pytest.approx(
         result["methods"]["tree:2"]["predicted"]["tokens_per_cycle"])

@@ -378,6 +378,33 @@ def test_profile_measures_the_cycle_and_the_ar_step_in_the_decoding_loop(pair, m
     assert cost.ar_step >= cost.meta["ar_forward"] + 0.004
 
 
+def test_profile_prices_the_loop_against_forwards_timed_in_the_same_cycles(pair, monkeypatch):
+    # A machine that slows down between the microbenchmarks and the decoding loop (here: every target forward 5 ms
+    # slower inside decodes) must not show up as per-cycle overhead or as AR-loop overhead.
+    import time
+
+    inside = [False]
+    generate, forward = ModelPair.generate, pair.target.forward
+
+    def decoding(self, *a, **k):
+        inside[0] = True
+        try:
+            return generate(self, *a, **k)
+        finally:
+            inside[0] = False
+
+    def slowed(*a, **k):
+        if inside[0]:
+            time.sleep(0.005)
+        return forward(*a, **k)
+
+    monkeypatch.setattr(ModelPair, "generate", decoding)
+    monkeypatch.setattr(pair.target, "forward", slowed)
+    cost = profile_costs(pair, t_max=T_MAX, k=K, prompt_tokens=24, repeats=3, loop_tokens=12)
+    assert cost.T_c < 0.004
+    assert cost.ar_step < cost.meta["ar_forward"] + 0.004
+
+
 def test_profile_rejects_a_prompt_longer_than_the_context(pair):
     with pytest.raises(ValueError, match="prompt-tokens"):
         profile_costs(pair, prompt_tokens=pair.target.config.max_position_embeddings, repeats=1)

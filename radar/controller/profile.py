@@ -9,22 +9,25 @@
     T_eye    one `ControllerPolicy.decide` (of `controller`, default a default-size `LSTMController`) inside real draft
              pools, between the model forwards, on their frontier scores (state building and
              one LSTM step).
-    ar_step  seconds per token of the AR loop itself (`ModelPair.generate` with method ar, between commits),
-             decoding `loop_tokens` tokens after the prefix; the bare forward plus picking the token is kept in meta
-             (`ar_forward`).
+    ar_step  seconds per token of the AR loop: the bare one-token target forward on the prefix (kept in meta as
+             `ar_forward`) plus what the AR loop itself (`ModelPair.generate` with method ar, between commits) spends
+             per token beyond its target forward, decoding `loop_tokens` tokens after the prefix.
 
     verify_s the verification curve: the same forward over the root plus n tree tokens for n = 1, 2, ... up to
              twice the budget (trees `select_tree` cuts from one full pool), since on a CPU its cost grows with n;
-             made non-decreasing (`monotone`; the medians as measured are kept in meta).
-    T_c      what a live cycle costs beyond the forwards priced above, measured in the loop: speculative decodes
-             of `loop_tokens` tokens at fixed depths (1 and t_max), at the temperature the costs are for (a sampled
-             walk costs more than an argmax), each cycle's time less its price without
-             T_c, averaged. It holds the rerank, the acceptance walk, cache compaction, the capture of the
-             target's features, the first draft call's feeding of the committed tokens, and the context growing
-             past the prefix. The bookkeeping alone, timed apart, is kept in meta (`T_c_bookkeeping`).
+             made non-decreasing (`monotone`; the medians as measured are kept in meta). Like the live one, it
+             captures the target's features when the drafter reads them.
+    T_c      what a live cycle costs beyond its verification forward and T_f per draft call, measured in the loop:
+             speculative decodes of `loop_tokens` tokens at fixed depths (1 and t_max), at the temperature the
+             costs are for (a sampled walk costs more than an argmax), each cycle's time less its own verification
+             forward (timed in that cycle) and T_f per call, averaged. It holds the rerank, the acceptance walk,
+             cache compaction, the draft rounds' bookkeeping and the first draft call's feeding of the committed
+             tokens. The bookkeeping alone, timed apart, is kept in meta (`T_c_bookkeeping`).
 
 Measuring the last two in the loop is what makes the simulator's tokens/s match a live run's: priced from
-forwards alone, a gguf cycle came out about 1 ms (5-7%) short of the live one (benchmarks/README.md).
+forwards alone, a gguf cycle came out about 1 ms (5-7%) short of the live one (benchmarks/README.md). Both subtract
+forwards timed in the same cycles rather than the microbenchmarks' medians: on a shared CPU the machine's speed
+moves by 10-20% within seconds, and a residual against forwards timed a minute earlier swung by 2-3 ms a cycle.
 
 Each is the median of `repeats` timed runs after warm-up runs that are not counted; on a GPU every timing ends with
 `torch.cuda.synchronize`.
@@ -50,7 +53,7 @@ from radar.decoding.pair import ModelPair, precision_of
 from radar.decoding.session import sync
 from radar.decoding.stop import FixedDepth
 from radar.decoding.tree import DraftPool, DraftTree, TreeConfig, draft_pool, select_tree
-from radar.decoding.verify import Sampling, commit_path, next_token, verify_tree, walk
+from radar.decoding.verify import Sampling, commit_path, verify_tree, walk
 
 
 class _CallClock:
@@ -130,26 +133,55 @@ def _random_prompt(pair: ModelPair, n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, pair.target.config.vocab_size, (n,), generator=gen).to(pair.target.device)
 
 
-def _loop_times(pair: ModelPair, cfg: TreeConfig, forwards: CostModel, prompt_tokens: int, tokens: int, runs: int,
+class _ForwardClock:
+    """A model whose calls add their seconds to `seconds`; everything else is the wrapped model's."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.wrapped, self.seconds = model, 0.0
+
+    def __getattr__(self, name: str):
+        return getattr(self.wrapped, name)
+
+    def __call__(self, *args, **kwargs):
+        sync(self.wrapped.device)
+        start = time.perf_counter()
+        out = self.wrapped(*args, **kwargs)
+        sync(self.wrapped.device)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def _loop_times(pair: ModelPair, cfg: TreeConfig, t_f: float, prompt_tokens: int, tokens: int, runs: int,
                 seed: int, sampling: Sampling) -> tuple[list[float], list[float]]:
-    """(AR seconds per token, per-cycle residual beyond `forwards`' price) of `runs` live decodes each, at fixed
-    depths 1 and t_max, of `tokens` tokens from a random prompt (one uncounted warm-up decode first)."""
+    """(AR seconds per token beyond its target forward, per-cycle seconds beyond the cycle's verification forward
+    and `t_f` per draft call) of `runs` live decodes each, at fixed depths 1 and t_max, of `tokens` tokens from a
+    random prompt (one uncounted warm-up decode first)."""
     ids = _random_prompt(pair, prompt_tokens, seed).tolist()
-    loop = replace(pair, tree=cfg)
+    clock = _ForwardClock(pair.target)
+    loop = replace(pair, target=clock, tree=cfg)
+    marks: list[tuple[float, float]] = []  # (time, target seconds so far) at each commit
+
+    def mark(_) -> bool:
+        marks.append((time.perf_counter(), clock.seconds))
+        return True
+
     ar, residual = [], []
     for r in range(runs + 1):
-        stamps: list[float] = []
-        loop.generate(ids, "ar", sampling, tokens, seed=r,
-                      on_commit=lambda _: stamps.append(time.perf_counter()) or True)
+        marks.clear()
+        loop.generate(ids, "ar", sampling, tokens, seed=r, on_commit=mark)
+        if r and len(marks) > 1:  # between the first and last commits: one forward and one pick per token
+            (t0, f0), (t1, f1) = marks[0], marks[-1]
+            ar.append(((t1 - t0) - (f1 - f0)) / (len(marks) - 1))
         for depth in sorted({1, cfg.max_calls}):
-            stats = loop.generate(ids, f"tree:{depth}", sampling, tokens, seed=r).stats
-            priced = forwards.cycle_times(torch.tensor(stats.draft_calls_per_cycle),
-                                          torch.tensor(stats.tree_tokens_per_cycle), controller=False)
-            # The first cycle also feeds the drafter the whole prompt: a cost of the prompt, not of a cycle.
-            if r and len(stats.cycle_s) > 1:
-                residual.append((sum(stats.cycle_s[1:]) - float(priced[1:].sum())) / (len(stats.cycle_s) - 1))
-        if r and len(stamps) > 1:
-            ar.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+            marks.clear()
+            stats = loop.generate(ids, f"tree:{depth}", sampling, tokens, seed=r, on_commit=mark).stats
+            # The first cycle also feeds the drafter the whole prompt: a cost of the prompt, not of a cycle. Each
+            # later cycle ends in a commit, so the target's seconds between the first and last commits are the
+            # verifications of cycles 2..n.
+            if r and len(stats.cycle_s) > 1 and len(marks) == len(stats.cycle_s):
+                verify_s = marks[-1][1] - marks[0][1]
+                beyond = sum(stats.cycle_s[1:]) - verify_s - t_f * sum(stats.draft_calls_per_cycle[1:])
+                residual.append(beyond / (len(stats.cycle_s) - 1))
     return ar, residual
 
 
@@ -163,6 +195,7 @@ class _Bench:
     prefix_len: int
     draft_base: int  # the drafter's state length after the prefix
     root_features: torch.Tensor | None = None  # for a drafter reading the target: what it feeds the root with
+    capture: LayerCapture | None = None  # the target's features a verification hands such a drafter
 
     @property
     def root_pos(self) -> int:
@@ -173,6 +206,11 @@ class _Bench:
         self.drafter.keep(self.draft_base, [])
         if self.root_features is not None:
             self.drafter.observe_target(self.root_features)
+
+    def verify(self, target: torch.nn.Module, tree: DraftTree) -> tuple[torch.Tensor, int]:
+        """A verification of the root and `tree` on the prefix, as the loop runs it (features captured too)."""
+        self.cache.length = self.prefix_len
+        return verify_tree(target, self.cache, self.pending, tree, self.root_pos, self.capture)
 
 
 def _bench(pair: ModelPair, prompt_tokens: int, max_len: int, seed: int) -> _Bench:
@@ -191,7 +229,7 @@ def _bench(pair: ModelPair, prompt_tokens: int, max_len: int, seed: int) -> _Ben
         target(prompt[None, :prefix_len], cache=cache, last_only=True, capture=capture)
         drafter.observe_target(capture.hidden[0, :-1])
         drafter.forward(prompt[:prefix_len], positions, None)
-        return _Bench(cache, drafter, prompt[prefix_len:], prefix_len, drafter.length, capture.hidden[0, -1:])
+        return _Bench(cache, drafter, prompt[prefix_len:], prefix_len, drafter.length, capture.hidden[0, -1:], capture)
     if prefix_len:
         target(prompt[None, :prefix_len], cache=cache, last_only=True)
         drafter.forward(prompt[:prefix_len], positions, None)
@@ -232,8 +270,7 @@ def _overhead_times(
     bench: _Bench, pair: ModelPair, pool: DraftPool, tree: DraftTree, total_tokens: int, repeats: int, warmup: int
 ) -> list[float]:
     """Per-cycle bookkeeping outside T_0 and T_f (for reference): rerank, acceptance walk, cache compaction."""
-    bench.cache.length = bench.prefix_len
-    logits, base = verify_tree(pair.target, bench.cache, bench.pending, tree, bench.root_pos)
+    logits, base = bench.verify(pair.target, tree)
 
     def overhead():  # only timed: the caches' contents past the prefix are garbage afterwards, and unused
         t = select_tree(pool, total_tokens)
@@ -266,8 +303,7 @@ def _verify_curve(
         for n in sizes:
             sync(device)
             t0 = time.perf_counter()
-            bench.cache.length = bench.prefix_len
-            verify_tree(pair.target, bench.cache, bench.pending, trees[n], bench.root_pos)
+            bench.verify(pair.target, trees[n])
             sync(device)
             if r >= warmup:
                 times[n].append(time.perf_counter() - t0)
@@ -322,12 +358,11 @@ def profile_costs(
     tree = select_tree(pool, total_tokens)
 
     def verify():  # T_0: verification forward of root + tree on the prefix cache
-        bench.cache.length = bench.prefix_len
-        verify_tree(target, bench.cache, bench.pending, tree, bench.root_pos)
+        bench.verify(target, tree)
 
-    def ar():  # ar_step: one plain one-token target forward on the prefix, plus choosing the token
+    def ar():  # ar_step's forward: one plain one-token target forward on the prefix
         bench.cache.length = bench.prefix_len
-        next_token(target(bench.pending[None, -1:], cache=bench.cache)[0, -1], Sampling(), None)
+        target(bench.pending[None, -1:], cache=bench.cache)
 
     verify_times = _timed(verify, device, repeats, warmup)
     curve = _verify_curve(bench, pair, pool, total_tokens, repeats, warmup)
@@ -338,12 +373,12 @@ def profile_costs(
     med = statistics.median
     forwards = CostModel(T_0=med(verify_times), T_f=med(call_times), T_eye=med(eye_times), t_max=t_max,
                          verify_tokens=list(curve), verify_s=monotone(list(curve.values())), budget=len(tree))
-    loop_ar, loop_residual = _loop_times(pair, cfg, forwards, prompt_tokens, loop_tokens, max(2, repeats // 10), seed,
+    loop_ar, loop_residual = _loop_times(pair, cfg, forwards.T_f, prompt_tokens, loop_tokens, max(2, repeats // 10), seed,
                                          Sampling(temperature))
 
     names = model_names(pair, target_name, draft_name)
-    spread = {"T_0": verify_times, "T_f": call_times, "T_eye": eye_times, "ar_step": loop_ar or ar_times,
-              "T_c": loop_residual or overhead_times}
+    spread = {"T_0": verify_times, "T_f": call_times, "T_eye": eye_times, "ar_forward": ar_times,
+              "ar_loop": loop_ar or [0.0], "T_c": loop_residual or overhead_times}
     meta = {
         "source": "radar.controller.profile.profile_costs", "device": _device_name(device),
         "precision": precision_of(target), "target": names[0], "draft": names[1],
@@ -354,9 +389,10 @@ def profile_costs(
         "loop_tokens": loop_tokens, "temperature": temperature, "ar_forward": med(ar_times),
         "T_c_bookkeeping": med(overhead_times),
     }
-    # The residual can come out a little negative where the forwards' medians overprice the loop's cycles.
+    # Noise can leave the residual a little negative where T_f's median overprices the loop's draft calls.
     t_c = max(statistics.fmean(loop_residual), 0.0) if loop_residual else med(overhead_times)
-    cost = replace(forwards, ar_step=med(loop_ar or ar_times), T_c=t_c, meta=meta)
+    ar_step = med(ar_times) + (statistics.fmean(loop_ar) if loop_ar else 0.0)
+    cost = replace(forwards, ar_step=ar_step, T_c=t_c, meta=meta)
     if out is not None:
         cost.save(out)
     return cost

@@ -7,7 +7,9 @@ prompts, once offline from the records and the cost file, once live by `radar be
                       the records say what the engine accepts?
 
 and the total is the simulator's predicted tokens/s against the live decoding tokens/s (cycles only; prefill is
-outside both). Records must come from the same prompts (their prompt ids), the tree the pair decodes with, and the
+outside both). The speedup error compares the two as speedups over AR, each side against its own AR (the cost
+file's AR step, the bench's AR decode): on a machine whose speed moves between the profile and the bench it is
+what stays comparable, and it is what a policy's choice (and `radar train`'s verdict) turns on. Records must come from the same prompts (their prompt ids), the tree the pair decodes with, and the
 temperature of the bench.
 """
 
@@ -139,6 +141,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
                              temperature=next(iter(temperatures)))
     bench = run_bench(pair, prompts, replace(run, temperature=float(temperatures.pop()),
                                              tree_tokens=records.budget or None, max_calls=records.t_max))
+    ar_live = bench["methods"]["ar"].get("cycle_tokens_per_s")
     rows = {}
     for m in methods:
         pred, got = predicted(records, cost, m, controller), live(bench["methods"][str(m)], cost, m)
@@ -148,11 +151,13 @@ def calibrate(cfg: CalibrateConfig) -> dict:
             "cost_error": got["priced_ms_per_cycle"] / got["ms_per_cycle"] - 1,
             "acceptance_error": pred["tokens_per_cycle"] / got["tokens_per_cycle"] - 1,
             "residual_ms_per_cycle": got["ms_per_cycle"] - got["priced_ms_per_cycle"],
+            "speedup_error": (pred["tokens_per_s"] * cost.ar_time) / (got["tokens_per_s"] / ar_live) - 1
+            if ar_live else None,
         }
     out = {"config": asdict(cfg), "records": len(records), "prompts": len(prompts), "tree": asdict(pair.tree),
            "controller": str(controller_path(run.controller, precision_of(pair.target))) if controller else None,
            "methods": rows, "ar_tokens_per_s": bench["methods"]["ar"]["tokens_per_s"],
-           "ar_decode_tokens_per_s": bench["methods"]["ar"].get("cycle_tokens_per_s"),
+           "ar_decode_tokens_per_s": ar_live,
            "predicted_ar_tokens_per_s": 1 / cost.ar_time, "cost": cost.to_dict()}
     if cfg.out:
         write_atomic(cfg.out, json.dumps(out, indent=1) + "\n")
@@ -167,12 +172,13 @@ def _sampling(temperatures: set):
 
 def table(result: dict) -> str:
     """The calibration as plain text, one row per method."""
-    head = (f"{'method':<16} {'pred tok/s':>10} {'live tok/s':>10} {'error':>7} {'cost err':>8} {'accept err':>10} "
-            f"{'residual ms/cycle':>17}")
+    head = (f"{'method':<16} {'pred tok/s':>10} {'live tok/s':>10} {'error':>7} {'vs-AR err':>9} {'cost err':>8} "
+            f"{'accept err':>10} {'residual ms/cycle':>17}")
     rows = [head, "-" * len(head)]
     for name, r in result["methods"].items():
         rows.append(f"{name:<16} {r['predicted']['tokens_per_s']:>10.2f} {r['live']['tokens_per_s']:>10.2f} "
-                    f"{100 * r['error']:>+6.1f}% {100 * r['cost_error']:>+7.1f}% {100 * r['acceptance_error']:>+9.1f}% "
+                    f"{100 * r['error']:>+6.1f}% {_percent(r.get('speedup_error')):>9} {100 * r['cost_error']:>+7.1f}% "
+                    f"{100 * r['acceptance_error']:>+9.1f}% "
                     f"{r['residual_ms_per_cycle']:>17.2f}")
     rows.append(f"{result['records']} records of {result['prompts']} prompts; live tok/s counts decoding cycles only "
                 "(prefill excluded, as in the simulator)")
@@ -180,6 +186,10 @@ def table(result: dict) -> str:
     rows.append(f"ar: predicted {result['predicted_ar_tokens_per_s']:.2f} tok/s (1 / the AR step), live "
                 + (f"{decode:.2f} decoding only, " if decode else "") + f"{result['ar_tokens_per_s']:.2f} prefill included")
     return "\n".join(rows)
+
+
+def _percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.1f}%"
 
 
 __all__ = ["CalibrateConfig", "calibrate", "predicted", "live", "table"]

@@ -26,19 +26,6 @@ def test_draft_or_not_measures_both_arms_then_keeps_the_faster_and_rechecks():
     assert arms.draft(8) is True
 
 
-def test_draft_or_not_measures_a_size_far_from_every_measured_one_itself():
-    arms = DraftOrNot(explore=2, period=100)
-    for _ in range(4):
-        arms.observe(2, 40.0 if arms.draft(2) else 30.0)  # drafting pays with 2 members
-    assert arms.draft(4) is True  # twice as many: follows 2
-    seen = []
-    for _ in range(6):
-        seen.append(arms.draft(16))
-        arms.observe(16, 20.0 if seen[-1] else 40.0)  # ... but not with 16
-    assert seen[:4] == [False, False, True, True]  # 16 explored both arms itself, roots only first
-    assert seen[4:] == [False, False]
-
-
 def test_draft_or_not_waits_longer_between_rechecks_that_change_nothing_and_resets_when_one_does():
     arms = DraftOrNot(explore=2, period=10, max_period=40, clear=0.0)  # every lead counts as close: doubling
     drafted = []

@@ -27,9 +27,7 @@ class DraftOrNot:
     (a re-check drafting at 16 members must not be judged against roots-only cycles run at 9).
 
     A size measured under both arms keeps the better; a size not yet measured under both follows the nearest size
-    that is, within a factor of two (the first size, and one first seen at least four times away from every measured
-    size, explore both themselves, `explore` cycles each, roots only first: a verification's cost per token
-    changes with the load, so what 2 members measured says little about 16); and `period` cycles after, the
+    that is (the first explores both, `explore` cycles each, roots only first); and `period` cycles after, the
     other arm runs `explore` cycles to re-check. Each re-check that keeps the same winner doubles the wait before
     the next (up to `max_period`), or quadruples it when the loser scored below `clear` times the winner, so a
     server that stays at one load stops paying for a losing arm it already knows, the sooner the more clearly it
@@ -48,7 +46,6 @@ class DraftOrNot:
         self._gap: dict[int, int] = {}  # per size: the wait before the one after
         self._winner: dict[int, bool] = {}  # per size: the arm that led when its current re-check began
         self._first: int | None = None  # the size explored first
-        self._own: set[int] = set()  # the sizes that explore both arms themselves (the first, and far ones)
         self._probe: dict[int, list[float]] = {}  # per size: the scores of the check under way (absent between checks)
         self._cut: dict[int, int] = {}  # per size: the cycle its check under way ends at, when cut short
 
@@ -65,10 +62,6 @@ class DraftOrNot:
         c = self._decider(b)
         return None if c is None else self.rates[(c, True)] >= self.rates[(c, False)]
 
-    def _far(self, b: int) -> bool:
-        c = self._decider(b)
-        return c is not None and abs(c.bit_length() - b.bit_length()) >= 2
-
     def _growth(self, b: int) -> int:
         # How much longer to wait after a re-check that kept the winner: the clearer its lead, the longer.
         c = self._decider(b)
@@ -80,14 +73,10 @@ class DraftOrNot:
         b = self.bucket(members)
         n = self.cycles.get(b, 0)
         best = self._best(b)
-        if self._first is None:
-            self._first = b
-            self._own.add(b)
-        elif n == 0 and best is not None and self._far(b):
-            self._own.add(b)
-        if best is None or (b in self._own and n < self._end(b, self.explore)):
-            # A size that measures its own explores both, roots only first: so the batch's tokens/s is known
-            # when load-aware trees are first cut by it.
+        self._first = b if self._first is None else self._first
+        if best is None or (b == self._first and n < self._end(b, self.explore)):
+            # The first size measured explores both, roots only first: so the batch's tokens/s is known when
+            # load-aware trees are first cut by it.
             arm = probing = n >= self.explore
             if n == self.explore:
                 self._begin(b)

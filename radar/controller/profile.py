@@ -24,6 +24,11 @@
              cache compaction, the draft rounds' bookkeeping and the first draft call's feeding of the committed
              tokens. The bookkeeping alone, timed apart, is kept in meta (`T_c_bookkeeping`).
 
+Every forward (T_0, the curve, ar_step's forward) is then priced at the loop's pace: scaled by the AR loop's
+one-token forward, timed in the loop, over the same forward timed back to back (`forward_scale` in meta; the
+microbenchmarks' own figures stay there too): on a CPU the loop's forwards run 5-10% slower, an error the
+simulator's tokens/s otherwise carries whole (benchmarks/README.md).
+
 Measuring the last two in the loop is what makes the simulator's tokens/s match a live run's: priced from
 forwards alone, a gguf cycle came out about 1 ms (5-7%) short of the live one (benchmarks/README.md). Both subtract
 forwards timed in the same cycles rather than the microbenchmarks' medians: on a shared CPU the machine's speed
@@ -152,10 +157,10 @@ class _ForwardClock:
 
 
 def _loop_times(pair: ModelPair, cfg: TreeConfig, t_f: float, prompt_tokens: int, tokens: int, runs: int,
-                seed: int, sampling: Sampling) -> tuple[list[float], list[float]]:
-    """(AR seconds per token beyond its target forward, per-cycle seconds beyond the cycle's verification forward
-    and `t_f` per draft call) of `runs` live decodes each, at fixed depths 1 and t_max, of `tokens` tokens from a
-    random prompt (one uncounted warm-up decode first)."""
+                seed: int, sampling: Sampling) -> tuple[list[float], list[float], list[float]]:
+    """(AR seconds per token beyond its target forward, AR's target forward per token, per-cycle seconds beyond
+    the cycle's verification forward and `t_f` per draft call) of `runs` live decodes each, at fixed depths 1 and
+    t_max, of `tokens` tokens from a random prompt (one uncounted warm-up decode first)."""
     ids = _random_prompt(pair, prompt_tokens, seed).tolist()
     clock = _ForwardClock(pair.target)
     loop = replace(pair, target=clock, tree=cfg)
@@ -165,13 +170,14 @@ def _loop_times(pair: ModelPair, cfg: TreeConfig, t_f: float, prompt_tokens: int
         marks.append((time.perf_counter(), clock.seconds))
         return True
 
-    ar, residual = [], []
+    ar, ar_forward, residual = [], [], []
     for r in range(runs + 1):
         marks.clear()
         loop.generate(ids, "ar", sampling, tokens, seed=r, on_commit=mark)
         if r and len(marks) > 1:  # between the first and last commits: one forward and one pick per token
             (t0, f0), (t1, f1) = marks[0], marks[-1]
             ar.append(((t1 - t0) - (f1 - f0)) / (len(marks) - 1))
+            ar_forward.append((f1 - f0) / (len(marks) - 1))
         for depth in sorted({1, cfg.max_calls}):
             marks.clear()
             stats = loop.generate(ids, f"tree:{depth}", sampling, tokens, seed=r, on_commit=mark).stats
@@ -182,7 +188,7 @@ def _loop_times(pair: ModelPair, cfg: TreeConfig, t_f: float, prompt_tokens: int
                 verify_s = marks[-1][1] - marks[0][1]
                 beyond = sum(stats.cycle_s[1:]) - verify_s - t_f * sum(stats.draft_calls_per_cycle[1:])
                 residual.append(beyond / (len(stats.cycle_s) - 1))
-    return ar, residual
+    return ar, ar_forward, residual
 
 
 @dataclass
@@ -373,8 +379,11 @@ def profile_costs(
     med = statistics.median
     forwards = CostModel(T_0=med(verify_times), T_f=med(call_times), T_eye=med(eye_times), t_max=t_max,
                          verify_tokens=list(curve), verify_s=monotone(list(curve.values())), budget=len(tree))
-    loop_ar, loop_residual = _loop_times(pair, cfg, forwards.T_f, prompt_tokens, loop_tokens, max(2, repeats // 10), seed,
-                                         Sampling(temperature))
+    loop_ar, loop_forward, loop_residual = _loop_times(pair, cfg, forwards.T_f, prompt_tokens, loop_tokens,
+                                                       max(2, repeats // 10), seed, Sampling(temperature))
+    # The loop's forwards run slower than the same forward timed back to back (a growing context, and caches left
+    # cold by the draws and bookkeeping between them): every forward is priced at the loop's own pace.
+    scale = statistics.fmean(loop_forward) / med(ar_times) if loop_forward else 1.0
 
     names = model_names(pair, target_name, draft_name)
     spread = {"T_0": verify_times, "T_f": call_times, "T_eye": eye_times, "ar_forward": ar_times,
@@ -387,12 +396,13 @@ def profile_costs(
         "repeats": repeats, "warmup": warmup, "statistic": "median", "verify_s_measured": list(curve.values()),
         "spread_s": {name: [min(v), max(v)] for name, v in spread.items()},
         "loop_tokens": loop_tokens, "temperature": temperature, "ar_forward": med(ar_times),
-        "T_c_bookkeeping": med(overhead_times),
+        "T_c_bookkeeping": med(overhead_times), "forward_scale": scale, "T_0_microbench": forwards.T_0,
     }
     # Noise can leave the residual a little negative where T_f's median overprices the loop's draft calls.
     t_c = max(statistics.fmean(loop_residual), 0.0) if loop_residual else med(overhead_times)
-    ar_step = med(ar_times) + (statistics.fmean(loop_ar) if loop_ar else 0.0)
-    cost = replace(forwards, ar_step=ar_step, T_c=t_c, meta=meta)
+    ar_step = med(ar_times) * scale + (statistics.fmean(loop_ar) if loop_ar else 0.0)
+    cost = replace(forwards, T_0=forwards.T_0 * scale, verify_s=[v * scale for v in forwards.verify_s],
+                   ar_step=ar_step, T_c=t_c, meta=meta)
     if out is not None:
         cost.save(out)
     return cost

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from radar.common.prompts import load_prompts
 from radar.decoding.packed import SegmentAttention, packed_forward
 from radar.ops.models import load_pair, model_paths
 
@@ -58,8 +59,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pair = load_pair(*model_paths(None, None), device="cpu", dtype=args.precision)
     target = pair.target
-    prompts = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()][: args.clients]
-    ids = [pair.chat_ids(p.get("prompt") or p.get("turns", [""])[0]) for p in prompts]
+    ids = [pair.chat_ids(p.text) for p in load_prompts(PROMPTS, args.clients)]
     caches = [target.new_cache(len(i) + args.tokens + 1) for i in ids]
 
     def reset(length: list[int]) -> None:

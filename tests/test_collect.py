@@ -415,7 +415,7 @@ def test_profile_prices_every_forward_at_the_loops_pace(pair, monkeypatch):
     _slow_inside_decodes(pair, monkeypatch, 0.005)
     cost = profile_costs(pair, t_max=T_MAX, k=K, prompt_tokens=24, repeats=3, loop_tokens=12)
     scale = cost.meta["forward_scale"]
-    assert scale > 1 + 0.004 / cost.meta["ar_forward"] * 0.8
+    assert cost.meta["ar_forward"] * scale >= cost.meta["ar_forward"] + 0.004
     assert cost.ar_step >= cost.meta["ar_forward"] + 0.004
     assert cost.T_0 == pytest.approx(cost.meta["T_0_microbench"] * scale)
     assert cost.verify_s == pytest.approx([v * scale for v in monotone(cost.meta["verify_s_measured"])])
